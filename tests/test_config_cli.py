@@ -1,0 +1,131 @@
+"""Config parsing and the turnd command line (click's CliRunner and a real process)."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+from click.testing import CliRunner
+
+from turnd import __version__
+from turnd.cli import main
+from turnd.config import ConfigError, Endpoint, load_config, parse_config
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def run_check(tmp_path, text: str):
+    path = tmp_path / "turnd.toml"
+    path.write_text(text)
+    return CliRunner().invoke(main, ["check-config", str(path)])
+
+
+def test_default_config_file_is_valid():
+    config = load_config(os.path.join(ROOT, "conf", "turnd.toml"))
+    assert config.server.listen == (Endpoint("127.0.0.1", 3478), Endpoint("::1", 3478))
+    assert config.server.software == ""
+
+
+def test_empty_config_gives_defaults():
+    config = parse_config({})
+    assert config.server.listen == (Endpoint("127.0.0.1", 3478), Endpoint("::1", 3478))
+
+
+@pytest.mark.parametrize("text, message", [
+    ('[server]\nlisten = ["127.0.0.1:3478", "[::1]:99999"]\n',
+     'config error: server.listen[1]: "[::1]:99999": port must be 1-65535'),
+    ('[server]\nlisten = ["::1:3478"]\n',
+     'config error: server.listen[0]: "::1:3478": IPv6 addresses go in brackets: "[::1]:3478"'),
+    ('[server]\nlisten = ["example.com:3478"]\n',
+     "config error: server.listen[0]: \"example.com:3478\": 'example.com' is not an IP address"),
+    ('[server]\nlisten = "127.0.0.1:3478"\n',
+     "config error: server.listen: must be a list, not a string"),
+    ('[server]\nlisten = []\n',
+     'config error: server.listen: must list at least one "host:port"'),
+    ('[server]\nrealm = 5\n', "config error: server.realm: must be a string, not an integer"),
+    ('[server]\nsoftware = "x"\nport = 3478\n', "config error: server.port: unknown key"),
+    ('[servers]\n', "config error: servers: unknown section"),
+    ('[server]\nsoftware = "' + "x" * 200 + '"\n',
+     "config error: server.software: must be at most 127 characters"),
+])
+def test_bad_config_is_one_line_naming_the_key(tmp_path, text, message):
+    result = run_check(tmp_path, text)
+    assert result.exit_code == 2
+    assert result.stderr.strip() == message
+    assert "Traceback" not in result.output
+
+
+def test_invalid_toml_and_missing_file(tmp_path):
+    result = run_check(tmp_path, "[server\n")
+    assert result.exit_code == 2 and result.stderr.startswith("config error: ")
+    assert len(result.stderr.strip().splitlines()) == 1
+    result = CliRunner().invoke(main, ["check-config", str(tmp_path / "nope.toml")])
+    assert result.exit_code == 2
+    assert result.stderr.strip() == f"config error: {tmp_path / 'nope.toml'}: No such file or directory"
+
+
+def test_check_config_ok(tmp_path):
+    result = run_check(tmp_path, '[server]\nlisten = ["0.0.0.0:3478", "[::]:3478"]\n')
+    assert result.exit_code == 0, result.output
+
+
+def test_version():
+    result = CliRunner().invoke(main, ["--version"])
+    assert result.exit_code == 0
+    assert result.output.strip() == f"turnd, version {__version__}"
+
+
+def test_config_error_type_names_key():
+    with pytest.raises(ConfigError) as info:
+        parse_config({"server": {"listen": [1]}})
+    assert str(info.value).startswith("server.listen[0]: ")
+
+
+def _turnd(*args):
+    return [sys.executable, "-m", "turnd", *args]
+
+
+def test_serve_stops_cleanly_on_sigterm_and_sigint(tmp_path):
+    import socket
+    probe = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    probe.bind(("127.0.0.1", 0))
+    port = probe.getsockname()[1]
+    probe.close()
+    path = tmp_path / "t.toml"
+    path.write_text(f'[server]\nlisten = ["127.0.0.1:{port}"]\n')
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        proc = subprocess.Popen(_turnd("serve", "--config", str(path)), stderr=subprocess.PIPE,
+                                text=True)
+        try:
+            deadline = time.monotonic() + 20
+            lines = []
+            while time.monotonic() < deadline:
+                line = proc.stderr.readline()
+                lines.append(line)
+                if "listening on tcp" in line or not line:
+                    break
+            assert any("listening on udp 127.0.0.1:" in ln for ln in lines), lines
+            proc.send_signal(sig)
+            rest = proc.communicate(timeout=20)[1]
+        finally:
+            proc.kill()
+        assert proc.returncode == 0
+        assert "stopping" in rest and "stopped" in rest and "Traceback" not in rest
+
+
+def test_serve_port_in_use_is_one_line(tmp_path):
+    import socket
+    taken = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    taken.bind(("127.0.0.1", 0))
+    port = taken.getsockname()[1]
+    path = tmp_path / "t.toml"
+    path.write_text(f'[server]\nlisten = ["127.0.0.1:{port}"]\n')
+    try:
+        proc = subprocess.run(_turnd("serve", "--config", str(path)), capture_output=True,
+                              text=True, timeout=30)
+    finally:
+        taken.close()
+    assert proc.returncode == 1
+    assert proc.stderr.strip() == f"turnd: cannot listen on udp 127.0.0.1:{port}: address already in use"

@@ -1,0 +1,59 @@
+"""The ``turnd`` command: serve, check-config, --version."""
+
+from __future__ import annotations
+
+import logging
+import sys
+
+import click
+import trio
+
+from . import __version__
+from .config import Config, ConfigError, load_config
+from .sockets import StartupError
+
+EXIT_CONFIG = 2
+EXIT_STARTUP = 1
+
+
+def _load_or_exit(path: str) -> Config:
+    try:
+        return load_config(path)
+    except ConfigError as exc:
+        click.echo(f"config error: {exc}", err=True)
+        sys.exit(EXIT_CONFIG)
+
+
+@click.group()
+@click.version_option(__version__, prog_name="turnd")
+def main() -> None:
+    """turnd: a STUN/TURN server (RFC 8489, RFC 8656)."""
+
+
+@main.command()
+@click.option("--config", "config_path", default="/etc/turnd/turnd.toml", show_default=True,
+              type=click.Path(dir_okay=False), help="The TOML configuration file.")
+@click.option("--log-level", default="info", show_default=True,
+              type=click.Choice(["debug", "info", "warning", "error"]))
+def serve(config_path: str, log_level: str) -> None:
+    """Serve STUN and TURN until SIGINT or SIGTERM."""
+    config = _load_or_exit(config_path)
+    logging.basicConfig(level=log_level.upper(), stream=sys.stderr,
+                        format="%(asctime)s turnd %(levelname)s %(message)s")
+    from .server import run
+    failed = None
+    try:
+        trio.run(run, config)
+    except* StartupError as group:
+        failed = group.exceptions[0]
+    if failed is not None:
+        click.echo(f"turnd: {failed}", err=True)
+        sys.exit(EXIT_STARTUP)
+
+
+@main.command("check-config")
+@click.argument("path", type=click.Path(dir_okay=False))
+def check_config(path: str) -> None:
+    """Validate a configuration file and exit 0 (valid) or 2 (invalid)."""
+    _load_or_exit(path)
+    click.echo(f"{path}: ok")

@@ -1,0 +1,209 @@
+"""STUN messages: ``decode_untrusted`` and ``encode`` (RFC 8489 §5, §14)."""
+
+from __future__ import annotations
+
+import struct
+import zlib
+
+from . import constants as c
+from .attributes import CODECS, decode_value, encode_value
+from .errors import StunDecodeError
+
+_HEADER = struct.Struct("!HHI12s")
+_TLV = struct.Struct("!HH")
+
+
+def method_of(msg_type: int) -> int:
+    return (msg_type & 0x000F) | ((msg_type & 0x00E0) >> 1) | ((msg_type & 0x3E00) >> 2)
+
+
+def class_of(msg_type: int) -> int:
+    return ((msg_type & 0x0010) >> 4) | ((msg_type & 0x0100) >> 7)
+
+
+def message_type(method: int, cls: int) -> int:
+    return ((method & 0x000F) | ((method & 0x0070) << 1) | ((method & 0x0F80) << 2)
+            | ((cls & 1) << 4) | ((cls & 2) << 7))
+
+
+class Message:
+    """A STUN message: method, class, transaction id and ordered attributes.
+
+    ``attributes`` is a list of ``(type, value)`` pairs so repeated attributes
+    (several XOR-PEER-ADDRESS, say) survive in order.  A decoded message also
+    keeps the bytes it came from (``raw``) and the offsets of its integrity
+    attributes, so integrity is verified over the bytes as received.
+    """
+
+    __slots__ = ("method", "cls", "transaction_id", "attributes", "raw",
+                 "integrity_offset", "integrity_sha256_offset", "fingerprint_offset",
+                 "unknown_required", "ignored_after_integrity")
+
+    def __init__(self, method: int, cls: int, transaction_id: bytes,
+                 attributes: list[tuple[int, object]] | None = None):
+        if len(transaction_id) != 12:
+            raise ValueError("transaction id must be 12 bytes")
+        self.method = method
+        self.cls = cls
+        self.transaction_id = bytes(transaction_id)
+        self.attributes = list(attributes or [])
+        self.raw: bytes | None = None
+        self.integrity_offset: int | None = None
+        self.integrity_sha256_offset: int | None = None
+        self.fingerprint_offset: int | None = None
+        self.unknown_required: tuple[int, ...] = ()
+        self.ignored_after_integrity: tuple[int, ...] = ()
+
+    def get(self, attr_type: int, default=None):
+        """The first value of ``attr_type``, or ``default``."""
+        for t, v in self.attributes:
+            if t == attr_type:
+                return v
+        return default
+
+    def get_all(self, attr_type: int) -> list:
+        return [v for t, v in self.attributes if t == attr_type]
+
+    def __contains__(self, attr_type: int) -> bool:
+        return any(t == attr_type for t, _ in self.attributes)
+
+    def __repr__(self) -> str:
+        from .attributes import attribute_name
+        name = c.METHOD_NAMES.get(self.method, f"0x{self.method:03X}")
+        cls = ("request", "indication", "success", "error")[self.cls]
+        attrs = ", ".join(f"{attribute_name(t)}={v!r}" for t, v in self.attributes)
+        return f"<Message {name} {cls} {self.transaction_id.hex()} [{attrs}]>"
+
+    def __eq__(self, other) -> bool:
+        if not isinstance(other, Message):
+            return NotImplemented
+        return (self.method, self.cls, self.transaction_id, self.attributes) == \
+            (other.method, other.cls, other.transaction_id, other.attributes)
+
+
+def is_stun_header(data) -> bool:
+    """Cheap check: top bits zero, length multiple of 4, magic cookie present."""
+    return (len(data) >= c.HEADER_SIZE and data[0] < 0x40 and data[3] & 3 == 0
+            and data[4:8] == c.MAGIC_COOKIE_BYTES)
+
+
+def decode_untrusted(data: bytes) -> Message:
+    """Parse one STUN message from ``data`` (exactly one datagram or frame).
+
+    Raises only ``StunDecodeError``.  Attributes after MESSAGE-INTEGRITY other
+    than MESSAGE-INTEGRITY-SHA256 and FINGERPRINT are ignored (not returned);
+    attributes after FINGERPRINT are ignored too.  Unknown comprehension-required
+    attribute types are listed in ``unknown_required``.
+    """
+    data = bytes(data)
+    if len(data) < c.HEADER_SIZE:
+        raise StunDecodeError("shorter than a STUN header")
+    msg_type, length, cookie, tid = _HEADER.unpack_from(data)
+    if msg_type & 0xC000:
+        raise StunDecodeError("top bits of the message type are not zero")
+    if cookie != c.MAGIC_COOKIE:
+        raise StunDecodeError("no magic cookie")
+    if length % 4:
+        raise StunDecodeError("length is not a multiple of 4")
+    if length != len(data) - c.HEADER_SIZE:
+        raise StunDecodeError("length does not match the message size")
+    method, cls = method_of(msg_type), class_of(msg_type)
+    msg = Message(method, cls, tid)
+    msg.raw = data
+
+    def bad(reason: str) -> StunDecodeError:
+        return StunDecodeError(reason, method=method, cls=cls, transaction_id=tid)
+
+    unknown: list[int] = []
+    ignored: list[int] = []
+    pos = c.HEADER_SIZE
+    end = len(data)
+    # 0: before MESSAGE-INTEGRITY, 1: after MI, 2: after MI-SHA256, 3: after FINGERPRINT
+    stage = 0
+    while pos < end:
+        if pos + 4 > end:
+            raise bad("truncated attribute header")
+        attr_type, attr_len = _TLV.unpack_from(data, pos)
+        vstart = pos + 4
+        vend = vstart + attr_len
+        padded_end = vend + (-attr_len % 4)
+        if padded_end > end:
+            raise bad("attribute runs past the end of the message")
+        value = data[vstart:vend]
+        offset = pos
+        pos = padded_end
+        if stage == 3:
+            ignored.append(attr_type)
+            continue
+        if attr_type == c.FINGERPRINT:
+            msg.attributes.append((attr_type, _decode(attr_type, value, tid, bad)))
+            msg.fingerprint_offset = offset
+            stage = 3
+            continue
+        if attr_type == c.MESSAGE_INTEGRITY_SHA256 and stage < 2:
+            msg.attributes.append((attr_type, _decode(attr_type, value, tid, bad)))
+            msg.integrity_sha256_offset = offset
+            stage = 2
+            continue
+        if attr_type == c.MESSAGE_INTEGRITY and stage == 0:
+            msg.attributes.append((attr_type, _decode(attr_type, value, tid, bad)))
+            msg.integrity_offset = offset
+            stage = 1
+            continue
+        if stage:
+            ignored.append(attr_type)
+            continue
+        if attr_type not in CODECS and c.comprehension_required(attr_type):
+            if attr_type not in unknown:
+                unknown.append(attr_type)
+        msg.attributes.append((attr_type, _decode(attr_type, value, tid, bad)))
+    msg.unknown_required = tuple(unknown)
+    msg.ignored_after_integrity = tuple(ignored)
+    return msg
+
+
+def _decode(attr_type, value, tid, bad):
+    try:
+        return decode_value(attr_type, value, tid)
+    except StunDecodeError as exc:
+        raise bad(exc.reason) from None
+
+
+def _tlv(attr_type: int, value: bytes) -> bytes:
+    return _TLV.pack(attr_type, len(value)) + value + b"\x00" * (-len(value) % 4)
+
+
+def _header(msg: Message, body_len: int) -> bytes:
+    return _HEADER.pack(message_type(msg.method, msg.cls), body_len, c.MAGIC_COOKIE,
+                        msg.transaction_id)
+
+
+def encode(msg: Message, *, key: bytes | None = None, integrity: str = "sha1",
+           fingerprint: bool = False) -> bytes:
+    """Serialise ``msg``; padding bytes are always zero.
+
+    Any MESSAGE-INTEGRITY(-SHA256)/FINGERPRINT in ``msg.attributes`` is
+    skipped: with ``key``, integrity is computed here (``integrity`` is
+    "sha1", "sha256" or "both"); with ``fingerprint``, FINGERPRINT is last.
+    """
+    from .integrity import hmac_sha1, hmac_sha256
+    skip = (c.MESSAGE_INTEGRITY, c.MESSAGE_INTEGRITY_SHA256, c.FINGERPRINT)
+    body = b"".join(_tlv(t, encode_value(t, v, msg.transaction_id))
+                    for t, v in msg.attributes if t not in skip)
+    if key is not None:
+        if integrity in ("sha1", "both"):
+            header = _header(msg, len(body) + 24)
+            body += _tlv(c.MESSAGE_INTEGRITY, hmac_sha1(key, header + body))
+        if integrity in ("sha256", "both"):
+            header = _header(msg, len(body) + 36)
+            body += _tlv(c.MESSAGE_INTEGRITY_SHA256, hmac_sha256(key, header + body))
+        if integrity not in ("sha1", "sha256", "both"):
+            raise ValueError(f"unknown integrity {integrity!r}")
+    if fingerprint:
+        header = _header(msg, len(body) + 8)
+        body += _tlv(c.FINGERPRINT, fingerprint_value(header + body).to_bytes(4, "big"))
+    return _header(msg, len(body)) + body
+
+
+def fingerprint_value(data: bytes) -> int:
+    return zlib.crc32(data) ^ c.FINGERPRINT_XOR
