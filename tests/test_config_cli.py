@@ -67,7 +67,8 @@ def test_invalid_toml_and_missing_file(tmp_path):
 
 
 def test_check_config_ok(tmp_path):
-    result = run_check(tmp_path, '[server]\nlisten = ["0.0.0.0:3478", "[::]:3478"]\n')
+    result = run_check(tmp_path, '[server]\nlisten = ["0.0.0.0:3478", "[::]:3478"]\n'
+                       '[relay]\naddresses = ["192.0.2.10", "2001:db8::10"]\n')
     assert result.exit_code == 0, result.output
 
 

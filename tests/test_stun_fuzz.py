@@ -42,6 +42,7 @@ VALUES = {
     c.REQUESTED_TRANSPORT: st.integers(0, 255),
     c.REQUESTED_ADDRESS_FAMILY: st.sampled_from([1, 2]),
     c.ADDITIONAL_ADDRESS_FAMILY: st.sampled_from([1, 2]),
+    c.ADDITIONAL_ADDRESS_FAMILY_DRAFT: st.sampled_from([1, 2]),
     c.EVEN_PORT: st.booleans(),
     c.RESERVATION_TOKEN: st.binary(min_size=8, max_size=8),
     c.DONT_FRAGMENT: st.just(True), c.USE_CANDIDATE: st.just(True),

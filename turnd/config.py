@@ -40,8 +40,50 @@ class ServerConfig:
 
 
 @attrs.frozen
+class AuthConfig:
+    users: tuple[tuple[str, str], ...] = ()   # (user, password or "0x"+hex MD5 key)
+    secrets: tuple[str, ...] = ()             # TURN REST API shared secrets
+    nonce_lifetime: int = 600
+
+
+@attrs.frozen
+class RelayConfig:
+    ports: tuple[int, int] = (49152, 65535)
+    addresses: tuple[str, ...] = ()           # empty: the listen addresses
+    external: tuple[tuple[str, str], ...] = ()  # (relay or listen IP, public IP)
+    default_family: str = "ipv4"
+    legacy_channel_numbers: bool = False      # also accept RFC 5766's 0x5000-0x7FFF
+
+
+@attrs.frozen
+class PeersConfig:
+    allow: tuple[str, ...] = ()
+    deny: tuple[str, ...] = ()
+
+
+@attrs.frozen
+class LimitsConfig:
+    user_quota: int = 0
+    total_quota: int = 0
+    max_lifetime: int = 3600
+
+
+@attrs.frozen
 class Config:
     server: ServerConfig = ServerConfig()
+    auth: AuthConfig = AuthConfig()
+    relay: RelayConfig = RelayConfig()
+    peers: PeersConfig = PeersConfig()
+    limits: LimitsConfig = LimitsConfig()
+
+    def relay_addresses(self) -> tuple[str, ...]:
+        """The relay IP per family: [relay] addresses, else the first listen IP of each family."""
+        if self.relay.addresses:
+            return self.relay.addresses
+        out: dict[int, str] = {}
+        for ep in self.server.listen:
+            out.setdefault(ep.family, ep.host)
+        return tuple(out.values())
 
 
 def parse_endpoint(text: str, key: str, *, allow_port_zero: bool = False) -> Endpoint:
@@ -137,14 +179,138 @@ def _parse_server(raw: Any) -> ServerConfig:
     return ServerConfig(listen=listen, realm=realm, software=_text(s, "software", ""))
 
 
-SECTIONS = {"server": _parse_server}
+def _int(section: _Section, k: str, default: int, low: int, high: int) -> int:
+    value = section.get(k, int, default)
+    if not low <= value <= high:
+        raise ConfigError(section.key(k), f"{value}: must be {low}-{high}")
+    return value
+
+
+def _ip(text: Any, key: str) -> str:
+    if not isinstance(text, str):
+        raise ConfigError(key, f"must be an IP address string, not {_tname(text)}")
+    try:
+        return str(ipaddress.ip_address(text))
+    except ValueError:
+        raise ConfigError(key, f'"{text}": not an IP address') from None
+
+
+def _str_list(section: _Section, k: str) -> list:
+    items = section.get(k, list, [])
+    for i, item in enumerate(items):
+        if not isinstance(item, str):
+            raise ConfigError(f"{section.key(k)}[{i}]", f"must be a string, not {_tname(item)}")
+    return items
+
+
+def _parse_auth(raw: Any) -> AuthConfig:
+    s = _Section(raw, "auth")
+    s.check_unknown({"users", "secrets", "nonce_lifetime"})
+    users = s.get("users", dict, {})
+    parsed = []
+    for user, secret in users.items():
+        key = f"auth.users.{user}"
+        if not isinstance(secret, str):
+            raise ConfigError(key, f"must be a password string, not {_tname(secret)}")
+        if not user or len(user.encode()) > 512 or any(ord(ch) < 0x20 for ch in user):
+            raise ConfigError(key, "user names must be 1-512 bytes without control characters")
+        if secret.startswith("0x"):
+            from .auth import parse_hex_key
+            if parse_hex_key(secret) is None:
+                raise ConfigError(key, 'a key must be "0x" + 32 hex digits (MD5 of user:realm:password)')
+        else:
+            from .stun.integrity import saslprep
+            try:
+                saslprep(secret)
+            except ValueError as exc:
+                raise ConfigError(key, f"password not allowed: {exc}") from None
+            if not secret:
+                raise ConfigError(key, "password must not be empty")
+        parsed.append((user, secret))
+    secrets = _str_list(s, "secrets")
+    for i, secret in enumerate(secrets):
+        if not secret:
+            raise ConfigError(f"auth.secrets[{i}]", "must not be empty")
+    return AuthConfig(users=tuple(parsed), secrets=tuple(secrets),
+                      nonce_lifetime=_int(s, "nonce_lifetime", 600, 30, 86400))
+
+
+def _parse_relay(raw: Any) -> RelayConfig:
+    s = _Section(raw, "relay")
+    s.check_unknown({"ports", "addresses", "external", "default_family", "legacy_channel_numbers"})
+    ports = RelayConfig().ports
+    if "ports" in s.data:
+        text = s.get("ports", str, "")
+        low, sep, high = text.partition("-")
+        if not sep or not low.strip().isdigit() or not high.strip().isdigit():
+            raise ConfigError("relay.ports", f'"{text}": expected "min-max", e.g. "49152-65535"')
+        ports = (int(low), int(high))
+        if not 1024 <= ports[0] <= ports[1] <= 65535:
+            raise ConfigError("relay.ports", f'"{text}": need 1024 <= min <= max <= 65535')
+    addresses = tuple(_ip(a, f"relay.addresses[{i}]") for i, a in enumerate(_str_list(s, "addresses")))
+    families = [ipaddress.ip_address(a).version for a in addresses]
+    if len(set(families)) != len(families):
+        raise ConfigError("relay.addresses", "at most one IPv4 and one IPv6 address")
+    external = []
+    for internal, public in s.get("external", dict, {}).items():
+        key = f"relay.external.{internal}"
+        internal_ip = _ip(internal, key)
+        public_ip = _ip(public, key)
+        if ipaddress.ip_address(internal_ip).version != ipaddress.ip_address(public_ip).version:
+            raise ConfigError(key, "internal and public address must be of one family")
+        external.append((internal_ip, public_ip))
+    family = s.get("default_family", str, "ipv4")
+    if family not in ("ipv4", "ipv6", "keep"):
+        raise ConfigError("relay.default_family", f'"{family}": must be "ipv4", "ipv6" or "keep"')
+    return RelayConfig(ports=ports, addresses=addresses, external=tuple(external),
+                       default_family=family,
+                       legacy_channel_numbers=s.get("legacy_channel_numbers", bool, False))
+
+
+def _cidrs(section: _Section, k: str) -> tuple[str, ...]:
+    out = []
+    for i, item in enumerate(_str_list(section, k)):
+        try:
+            out.append(str(ipaddress.ip_network(item, strict=False)))
+        except ValueError:
+            raise ConfigError(f"{section.key(k)}[{i}]", f'"{item}": not a CIDR like "10.0.0.0/8"') from None
+    return tuple(out)
+
+
+def _parse_peers(raw: Any) -> PeersConfig:
+    s = _Section(raw, "peers")
+    s.check_unknown({"allow", "deny"})
+    return PeersConfig(allow=_cidrs(s, "allow"), deny=_cidrs(s, "deny"))
+
+
+def _parse_limits(raw: Any) -> LimitsConfig:
+    s = _Section(raw, "limits")
+    s.check_unknown({"user_quota", "total_quota", "max_lifetime"})
+    return LimitsConfig(user_quota=_int(s, "user_quota", 0, 0, 10**6),
+                        total_quota=_int(s, "total_quota", 0, 0, 10**6),
+                        max_lifetime=_int(s, "max_lifetime", 3600, 60, 3600))
+
+
+SECTIONS = {"server": _parse_server, "auth": _parse_auth, "relay": _parse_relay,
+            "peers": _parse_peers, "limits": _parse_limits}
 
 
 def parse_config(data: dict[str, Any]) -> Config:
     for name in data:
         if name not in SECTIONS:
             raise ConfigError(name, "unknown section")
-    return Config(**{name: parse(data[name]) for name, parse in SECTIONS.items() if name in data})
+    config = Config(**{name: parse(data[name]) for name, parse in SECTIONS.items() if name in data})
+    listen_ips = {ep.host for ep in config.server.listen}
+    for i, addr in enumerate(config.relay.addresses):
+        if ipaddress.ip_address(addr).is_unspecified:
+            raise ConfigError(f"relay.addresses[{i}]", f'"{addr}": must be a concrete address')
+    for ip in config.relay_addresses():
+        if ipaddress.ip_address(ip).is_unspecified:
+            raise ConfigError("relay.addresses", "needed when server.listen uses 0.0.0.0 or [::]")
+    for internal, _ in config.relay.external:
+        if internal not in listen_ips and internal not in config.relay_addresses():
+            raise ConfigError(f"relay.external.{internal}", "is neither a listen nor a relay address")
+    return config
 
 
 def load_config(path: str) -> Config:

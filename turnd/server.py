@@ -1,10 +1,12 @@
-"""The trio shell: opens sockets, starts the loops, runs the core's actions,
-and stops everything on cancellation.  One place starts things (``serve``),
-one stops them (its nursery's cancel scope)."""
+"""The trio shell: opens sockets, starts the loops, carries out the core's
+actions, sweeps expiries, and stops everything on cancellation.  One place
+starts things (``serve``), one stops them (its nursery's cancel scope)."""
 
 from __future__ import annotations
 
+import errno
 import logging
+import secrets
 import signal
 import socket
 import time
@@ -13,15 +15,25 @@ import attrs
 import trio
 
 from . import relay
+from .auth import AnyOf, RestSecrets, StaticUsers
 from .config import Config
 from .sockets import local_address, open_socket
-from .stun.framing import StreamFramer
 from .stun.errors import StunDecodeError
-from .turn.protocol import FiveTuple, ProtocolConfig, Reply, TurnServer
+from .stun.framing import StreamFramer
+from .turn.policy import PeerPolicy
+from .turn.protocol import (AllocationCreated, AllocationDeleted, FiveTuple, ProtocolConfig,
+                            Reply, SendToPeer, TurnServer)
 
 log = logging.getLogger("turnd")
 
 TCP_IDLE_TIMEOUT = 300.0
+SWEEP_INTERVAL = 1.0
+RELAY_SOCKET_BUFFER = 1024 * 1024
+
+_IP_MTU_DISCOVER = getattr(socket, "IP_MTU_DISCOVER", 10)
+_IP_PMTUDISC_DO = getattr(socket, "IP_PMTUDISC_DO", 2)
+_IPV6_MTU_DISCOVER = getattr(socket, "IPV6_MTU_DISCOVER", 23)
+_IPV6_PMTUDISC_DO = getattr(socket, "IPV6_PMTUDISC_DO", 2)
 
 
 @attrs.define
@@ -34,25 +46,120 @@ class Running:
     tcp_stats: dict[str, int]
 
 
+class SocketBinder:
+    """The core's RelayBinder seam: real non-blocking UDP sockets."""
+
+    def __init__(self) -> None:
+        self.failures = 0
+
+    def bind(self, ip: str, port: int, dont_fragment: bool):
+        fam = socket.AF_INET6 if ":" in ip else socket.AF_INET
+        sock = socket.socket(fam, socket.SOCK_DGRAM)
+        try:
+            if fam == socket.AF_INET6:
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            if dont_fragment:
+                if fam == socket.AF_INET:
+                    sock.setsockopt(socket.IPPROTO_IP, _IP_MTU_DISCOVER, _IP_PMTUDISC_DO)
+                else:
+                    sock.setsockopt(socket.IPPROTO_IPV6, _IPV6_MTU_DISCOVER, _IPV6_PMTUDISC_DO)
+            for opt in (socket.SO_RCVBUF, socket.SO_SNDBUF):
+                sock.setsockopt(socket.SOL_SOCKET, opt, RELAY_SOCKET_BUFFER)
+            sock.bind((ip, port))
+            sock.setblocking(False)
+        except OSError as exc:
+            sock.close()
+            self.failures += 1
+            if exc.errno not in (errno.EADDRINUSE, errno.EACCES):
+                log.warning("cannot bind relay %s port %d: %s", ip, port, exc.strerror)
+            return None
+        return sock
+
+
+def make_core(config: Config) -> TurnServer:
+    backends = []
+    if config.auth.users:
+        backends.append(StaticUsers(dict(config.auth.users), config.server.realm))
+    if config.auth.secrets:
+        backends.append(RestSecrets(config.auth.secrets))
+    credentials = AnyOf(*backends) if backends else None
+    limits = config.limits
+    pconfig = ProtocolConfig(
+        realm=config.server.realm, software=config.server.software,
+        listen=tuple((ep.host, ep.port) for ep in config.server.listen),
+        relay_addresses=config.relay_addresses(), external=config.relay.external,
+        port_range=config.relay.ports, default_family=config.relay.default_family,
+        max_lifetime=limits.max_lifetime, nonce_lifetime=config.auth.nonce_lifetime,
+        user_quota=limits.user_quota, total_quota=limits.total_quota,
+        channel_max=0x7FFF if config.relay.legacy_channel_numbers else 0x4FFF)
+    return TurnServer(pconfig, credentials=credentials,
+                      policy=PeerPolicy(config.peers.allow, config.peers.deny),
+                      binder=SocketBinder(), nonce_secret=secrets.token_bytes(32))
+
+
 class Shell:
-    def __init__(self, config: Config):
+    def __init__(self, config: Config, core: TurnServer):
         self.config = config
-        self.core = TurnServer(ProtocolConfig(realm=config.server.realm,
-                                              software=config.server.software))
+        self.core = core
         self.stats = relay.RelayStats()
+        self.forwarder = relay.Forwarder(core, self.stats)
         self.tcp_stats = {"connections": 0, "closed_not_stun": 0}
+        # UDP listen socket address -> {client (ip, port): allocation}
+        self.udp_clients: dict[tuple, dict] = {}
+        self.relay_scopes: dict[int, list[trio.CancelScope]] = {}
+        self.nursery: trio.Nursery | None = None
         # Wall-clock seconds, advanced by trio's clock (so autojump_clock drives expiry too).
         self._wall_offset = time.time() - trio.current_time()
 
     def now(self) -> float:
         return trio.current_time() + self._wall_offset
 
-    def udp_slow_path(self, data: bytes, addr, sock: socket.socket) -> None:
-        client = (addr[0], addr[1])
-        ft = FiveTuple("udp", client, local_address(sock))
-        for action in self.core.handle_untrusted(data, ft, self.now()):
+    # --- carrying out the core's actions ---------------------------------------------
+
+    def execute(self, actions: list, sock: socket.socket | None, addr) -> None:
+        for action in actions:
             if isinstance(action, Reply):
                 relay.send_or_drop(sock, action.data, addr, self.stats)
+            elif isinstance(action, SendToPeer):
+                self.forwarder.to_peer(action.relay, action.peer, action.data, self.now())
+            elif isinstance(action, AllocationCreated):
+                self._start_relaying(action.alloc, sock, addr)
+            elif isinstance(action, AllocationDeleted):
+                self._stop_relaying(action.alloc)
+
+    def _start_relaying(self, alloc, sock, addr) -> None:
+        alloc.client_handle = (sock, addr)
+        self.udp_clients[alloc.five_tuple.server][alloc.five_tuple.client] = alloc
+        scopes = self.relay_scopes[id(alloc)] = []
+        for r in alloc.relays.values():
+            scope = trio.CancelScope()
+            scopes.append(scope)
+            self.nursery.start_soon(self._relay_task, r, scope)
+        log.debug("allocation for %s: relays %s", alloc.username,
+                  [r.address for r in alloc.relays.values()])
+
+    def _stop_relaying(self, alloc) -> None:
+        self.udp_clients.get(alloc.five_tuple.server, {}).pop(alloc.five_tuple.client, None)
+        for scope in self.relay_scopes.pop(id(alloc), ()):
+            scope.cancel()
+
+    async def _relay_task(self, r, scope: trio.CancelScope) -> None:
+        try:
+            with scope:
+                await relay.relay_loop(r, self.forwarder, self.now)
+        finally:
+            r.handle.close()
+
+    # --- the slow path and the other tasks -----------------------------------------------
+
+    def udp_slow_path(self, data: bytes, addr, sock: socket.socket) -> None:
+        ft = FiveTuple("udp", addr, local_address(sock))
+        self.execute(self.core.handle_untrusted(data, ft, self.now()), sock, addr)
+
+    async def sweeper(self) -> None:
+        while True:
+            await trio.sleep(SWEEP_INTERVAL)
+            self.execute(self.core.expire(self.now()), None, None)
 
     async def tcp_connection(self, stream: trio.SocketStream) -> None:
         self.tcp_stats["connections"] += 1
@@ -79,7 +186,7 @@ class Shell:
 
 async def serve(config: Config, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
     """Serve until cancelled.  Started with ``nursery.start``, it returns a ``Running``."""
-    shell = Shell(config)
+    shell = Shell(config, make_core(config))
     udp_socks: list[socket.socket] = []
     tcp_socks: list[socket.socket] = []
     try:
@@ -94,9 +201,14 @@ async def serve(config: Config, *, task_status=trio.TASK_STATUS_IGNORED) -> None
     listeners = [trio.SocketListener(trio.socket.from_stdlib_socket(s)) for s in tcp_socks]
     try:
         async with trio.open_nursery() as nursery:
+            shell.nursery = nursery
             for sock in udp_socks:
-                nursery.start_soon(relay.listener_loop, sock, shell.udp_slow_path, shell.stats)
+                clients = shell.udp_clients.setdefault(local_address(sock), {})
+                nursery.start_soon(relay.listener_loop, sock, clients, shell.forwarder,
+                                   shell.udp_slow_path, shell.now,
+                                   (shell.core.config.channel_max >> 8) + 1)
             nursery.start_soon(trio.serve_listeners, shell.tcp_connection, listeners)
+            nursery.start_soon(shell.sweeper)
             running = Running(udp=[local_address(s) for s in udp_socks],
                               tcp=[local_address(s) for s in tcp_socks],
                               core=shell.core, stats=shell.stats, tcp_stats=shell.tcp_stats)
@@ -106,6 +218,9 @@ async def serve(config: Config, *, task_status=trio.TASK_STATUS_IGNORED) -> None
             s.close()
         for listener in listeners:
             listener.socket.close()
+        for alloc in list(shell.core.allocations.values()):
+            for r in alloc.relays.values():
+                r.handle.close()
 
 
 async def run(config: Config) -> None:
@@ -117,6 +232,8 @@ async def run(config: Config) -> None:
                 for host, port in addrs:
                     log.info("listening on %s %s", transport,
                              f"[{host}]:{port}" if ":" in host else f"{host}:{port}")
+            if not config.auth.users and not config.auth.secrets:
+                log.info("no [auth] users or secrets: serving STUN only, TURN requests get 401")
             async for signum in signals:
                 log.info("received %s, stopping", signal.Signals(signum).name)
                 break

@@ -1,23 +1,38 @@
-"""The sans-I/O server: bytes plus a 5-tuple in, actions out.
+"""The sans-I/O server: bytes plus a 5-tuple in, actions out (RFC 8489, RFC 8656).
 
 ``TurnServer.handle_untrusted(data, five_tuple, now)`` takes one datagram (or
 one stream frame) from a client and returns a list of actions for the trio
-shell to carry out.  It never blocks, never reads a clock, never touches a
-socket.
+shell to carry out; ``expire(now)`` removes what has timed out.  It never
+blocks, never reads a clock and never touches a socket: relay ports are bound
+through the ``binder`` seam, credentials come from the ``credentials`` seam
+and peer decisions from the ``policy`` seam (as pion/turn's ServerConfig).
 """
 
 from __future__ import annotations
 
-from typing import NamedTuple
+import ipaddress
+import random
+import secrets
+from typing import NamedTuple, Protocol
 
 import attrs
 
 from ..stun import constants as c
+from ..stun.attributes import AddressErrorCode, ErrorCode, PasswordAlgorithm
 from ..stun.errors import StunDecodeError, StunError
-from ..stun.integrity import verify_fingerprint
+from ..stun.integrity import verify_fingerprint, verify_integrity
 from ..stun.message import Message, decode_untrusted, encode
+from .allocation import Allocation, Channel, Relay
+from .nonce import FEATURE_PASSWORD_ALGORITHMS, FEATURE_USERNAME_ANONYMITY, NonceMaker
+from .policy import PeerPolicy, embedded_ipv4
+from .ports import PortPool
 
 Address = tuple  # (ip: str, port: int)
+
+TURN_METHODS = (c.ALLOCATE, c.REFRESH, c.CREATE_PERMISSION, c.CHANNEL_BIND)
+RESERVATION_LIFETIME = 30.0
+OFFERED_ALGORITHMS = (PasswordAlgorithm(c.ALGORITHM_MD5), PasswordAlgorithm(c.ALGORITHM_SHA256))
+RATE_BUCKETS = 4096
 
 
 class FiveTuple(NamedTuple):
@@ -26,27 +41,99 @@ class FiveTuple(NamedTuple):
     server: Address
 
 
+# --- actions -------------------------------------------------------------------
+
 @attrs.frozen
 class Reply:
     """Send ``data`` to the client on the 5-tuple the request came in on."""
     data: bytes
 
 
+@attrs.frozen(eq=False)
+class AllocationCreated:
+    """Start relaying for ``alloc`` (its relays' sockets are bound already)."""
+    alloc: Allocation
+
+
+@attrs.frozen(eq=False)
+class AllocationDeleted:
+    """Stop relaying for ``alloc`` and close its relay sockets."""
+    alloc: Allocation
+
+
+@attrs.frozen(eq=False)
+class SendToPeer:
+    """Send ``data`` from ``relay`` to ``peer`` (a Send indication on the slow path)."""
+    relay: Relay
+    peer: Address
+    data: bytes
+
+
+class RelayBinder(Protocol):
+    def bind(self, ip: str, port: int, dont_fragment: bool) -> object | None:
+        """Bind a relay socket; None when the port is taken by someone else."""
+
+
 @attrs.frozen
 class ProtocolConfig:
     realm: str = "turnd"
     software: str = ""
+    listen: tuple = ()                    # the server's own (ip, port) endpoints
+    relay_addresses: tuple = ()           # relay IPs, at most one per family
+    external: tuple = ()                  # ((internal ip, public ip), ...)
+    port_range: tuple = (49152, 65535)
+    default_family: str = "ipv4"          # "ipv4", "ipv6" or "keep"
+    max_lifetime: int = 3600
+    default_lifetime: int = 600
+    permission_lifetime: int = 300
+    channel_lifetime: int = 600
+    nonce_lifetime: int = 600
+    user_quota: int = 0
+    total_quota: int = 0
+    dont_fragment: bool = True            # the binder can honour DONT-FRAGMENT
+    turn_transports: frozenset = frozenset({"udp"})
+    unauth_rate: float = 20.0             # 401 responses per second per source IP (burst 2x)
+    channel_max: int = c.CHANNEL_MAX      # 0x4FFF (RFC 8656); 0x7FFF accepts RFC 5766 clients
+
+
+def _family(ip: str) -> int:
+    return 6 if ":" in ip else 4
 
 
 class TurnServer:
-    def __init__(self, config: ProtocolConfig):
+    def __init__(self, config: ProtocolConfig, *, credentials=None, policy: PeerPolicy | None = None,
+                 binder: RelayBinder | None = None, rng: random.Random | None = None,
+                 nonce_secret: bytes | None = None):
         self.config = config
+        self.credentials = credentials
+        self.policy = policy or PeerPolicy()
+        self.binder = binder
+        self.rng = rng or random.SystemRandom()
         self.stats: dict[str, int] = {}
+        features = FEATURE_PASSWORD_ALGORITHMS
+        if credentials is not None and getattr(credentials, "supports_userhash", True):
+            features |= FEATURE_USERNAME_ANONYMITY
+        self.nonces = NonceMaker(nonce_secret or secrets.token_bytes(32), config.nonce_lifetime,
+                                 features)
+        self.allocations: dict[FiveTuple, Allocation] = {}
+        self.relays_by_addr: dict[Address, Relay] = {}
+        self.user_allocations: dict[str, int] = {}
+        self.reservations: dict[bytes, tuple[str, int, float]] = {}
+        self.relay_ips = {_family(ip): ip for ip in config.relay_addresses}
+        self.external = dict(config.external)
+        self.pools = {ip: PortPool(*config.port_range) for ip in config.relay_addresses}
+        self.listen_set = {tuple(ep) for ep in config.listen}
+        # Every IP that is turnd itself: listen, relay and public (external) addresses.
+        self.own_ips = frozenset({ep[0] for ep in config.listen} | set(config.relay_addresses)
+                                 | set(self.external) | set(self.external.values()))
+        self.own_relay_ips = frozenset(set(config.relay_addresses) | {
+            self.external[ip] for ip in config.relay_addresses if ip in self.external})
+        self._buckets = [(0.0, 0.0)] * RATE_BUCKETS  # (tokens, last time), fixed memory
 
     def count(self, name: str) -> None:
         self.stats[name] = self.stats.get(name, 0) + 1
 
-    # --- entry point -------------------------------------------------------------
+    # --- entry points ------------------------------------------------------------
 
     def handle_untrusted(self, data: bytes, ft: FiveTuple, now: float) -> list:
         try:
@@ -61,36 +148,365 @@ class TurnServer:
         if msg.fingerprint_offset is not None and not verify_fingerprint(msg):
             self.count("dropped_bad_fingerprint")
             return []
+        if msg.cls == c.INDICATION:
+            return [] if msg.unknown_required else self._indication(msg, ft, now)
         if msg.cls != c.REQUEST:
-            if msg.cls == c.INDICATION:
-                return self._indication(msg, ft, now)
             self.count("dropped_responses")
             return []
+        auth: tuple | None = None
         try:
             if msg.unknown_required:
                 raise StunError(c.UNKNOWN_ATTRIBUTE,
                                 attributes=[(c.UNKNOWN_ATTRIBUTES, msg.unknown_required)])
-            return self._request(msg, ft, now)
+            if msg.method == c.BINDING:
+                self.count("binding_requests")
+                resp = self._response(msg, [(c.XOR_MAPPED_ADDRESS, ft.client)])
+                return [Reply(encode(resp, fingerprint=msg.fingerprint_offset is not None))]
+            if msg.method not in TURN_METHODS:
+                raise StunError(c.BAD_REQUEST, "Unknown method")
+            if ft.transport not in self.config.turn_transports:
+                raise StunError(c.BAD_REQUEST, f"TURN over {ft.transport} is not served")
+            auth = self._authenticate(msg, ft, now)
+            return self._turn_request(msg, ft, now, *auth)
         except StunError as err:
             self.count(f"error_{err.code}")
-            return [Reply(self._error_bytes(msg.method, msg.transaction_id, err,
+            if err.code == c.UNAUTHORIZED and auth is None and not self._rate_ok(ft, now):
+                self.count("dropped_rate_limited")
+                return []
+            key = auth[1] if auth else None
+            integrity = auth[2] if auth else "sha1"
+            return [Reply(self._error_bytes(msg.method, msg.transaction_id, err, key=key,
+                                            integrity=integrity,
                                             fingerprint=msg.fingerprint_offset is not None))]
 
-    # --- requests ------------------------------------------------------------------
+    def expire(self, now: float) -> list:
+        """Delete expired allocations, permissions, channels and reservations."""
+        actions = []
+        for ft, alloc in list(self.allocations.items()):
+            if alloc.expires < now:
+                self.count("allocations_expired")
+                actions.append(self._delete(alloc))
+                continue
+            for ip, expiry in list(alloc.permissions.items()):
+                if expiry < now:
+                    del alloc.permissions[ip]
+            for number, ch in list(alloc.channels.items()):
+                if ch.expires < now:
+                    del alloc.channels[number]
+                    alloc.peer_channels.pop(ch.peer, None)
+        for token, (ip, port, expiry) in list(self.reservations.items()):
+            if expiry < now:
+                del self.reservations[token]
+                self.pools[ip].give(port)
+        return actions
 
-    def _request(self, msg: Message, ft: FiveTuple, now: float) -> list:
-        if msg.method == c.BINDING:
-            self.count("binding_requests")
-            resp = self._response(msg, [(c.XOR_MAPPED_ADDRESS, ft.client)])
-            return [Reply(encode(resp, fingerprint=msg.fingerprint_offset is not None))]
-        raise StunError(c.BAD_REQUEST, "Unknown method")
+    def free_ports(self) -> dict[str, int]:
+        return {ip: len(pool) for ip, pool in self.pools.items()}
+
+    # --- authentication (RFC 8489 §9.2.4) -------------------------------------------
+
+    def _client_key(self, ft: FiveTuple) -> str:
+        return f"{ft.transport}|{ft.client[0]}|{ft.client[1]}"
+
+    def _challenge(self, ft: FiveTuple, now: float) -> list:
+        return [(c.REALM, self.config.realm), (c.NONCE, self.nonces.make(self._client_key(ft), now)),
+                (c.PASSWORD_ALGORITHMS, OFFERED_ALGORITHMS)]
+
+    def _rate_ok(self, ft: FiveTuple, now: float) -> bool:
+        """A token bucket per source IP in a fixed-size table: no state per request."""
+        i = hash(ft.client[0]) % RATE_BUCKETS
+        tokens, last = self._buckets[i]
+        rate = self.config.unauth_rate
+        tokens = min(2 * rate, tokens + (now - last) * rate)
+        if tokens < 1:
+            self._buckets[i] = (tokens, now)
+            return False
+        self._buckets[i] = (tokens - 1, now)
+        return True
+
+    def _authenticate(self, msg: Message, ft: FiveTuple, now: float) -> tuple[str, bytes, str]:
+        if msg.integrity_offset is None and msg.integrity_sha256_offset is None:
+            raise StunError(c.UNAUTHORIZED, attributes=self._challenge(ft, now))
+        username, uhash = msg.get(c.USERNAME), msg.get(c.USERHASH)
+        realm, nonce = msg.get(c.REALM), msg.get(c.NONCE)
+        if (username is None and uhash is None) or realm is None or nonce is None:
+            raise StunError(c.BAD_REQUEST, "Missing USERNAME, REALM or NONCE")
+        if not self.nonces.check_untrusted(nonce, self._client_key(ft), now):
+            raise StunError(c.STALE_NONCE, attributes=self._challenge(ft, now))
+        algorithms, algorithm = msg.get(c.PASSWORD_ALGORITHMS), msg.get(c.PASSWORD_ALGORITHM)
+        if (algorithms is None) != (algorithm is None):
+            raise StunError(c.BAD_REQUEST, "PASSWORD-ALGORITHM needs PASSWORD-ALGORITHMS")
+        alg = c.ALGORITHM_MD5
+        if algorithm is not None:
+            if tuple(algorithms) != OFFERED_ALGORITHMS or algorithm not in OFFERED_ALGORITHMS:
+                raise StunError(c.BAD_REQUEST, "PASSWORD-ALGORITHMS do not match")
+            alg = algorithm.algorithm
+        if self.credentials is None or realm != self.config.realm:
+            raise StunError(c.UNAUTHORIZED, attributes=self._challenge(ft, now))
+        if username is None:
+            username = self.credentials.username_for_userhash(uhash, realm)
+            if username is None:
+                raise StunError(c.UNAUTHORIZED, attributes=self._challenge(ft, now))
+        for key in self.credentials.keys_for(username, realm, alg, now):
+            if verify_integrity(msg, key):
+                kind = "sha256" if msg.integrity_sha256_offset is not None else "sha1"
+                return username, key, kind
+        self.count("auth_failures")
+        raise StunError(c.UNAUTHORIZED, attributes=self._challenge(ft, now))
+
+    # --- TURN requests ---------------------------------------------------------------
+
+    def _turn_request(self, msg, ft, now, username, key, integrity) -> list:
+        alloc = self.allocations.get(ft)
+        if alloc is not None and alloc.username != username:
+            raise StunError(c.WRONG_CREDENTIALS)
+        if msg.method == c.ALLOCATE:
+            return self._allocate(msg, ft, now, username, key, integrity, alloc)
+        if alloc is None:
+            raise StunError(c.ALLOCATION_MISMATCH)
+        alloc.key, alloc.integrity = key, integrity  # answer in kind
+        if msg.method == c.REFRESH:
+            return self._refresh(msg, alloc, now)
+        if msg.method == c.CREATE_PERMISSION:
+            return self._create_permission(msg, alloc, now)
+        return self._channel_bind(msg, alloc, now)
+
+    def _signed(self, msg: Message, alloc_key: bytes, integrity: str, attributes: list) -> bytes:
+        return encode(self._response(msg, attributes), key=alloc_key, integrity=integrity,
+                      fingerprint=msg.fingerprint_offset is not None)
+
+    def _lifetime(self, msg: Message) -> int:
+        requested = msg.get(c.LIFETIME)
+        cfg = self.config
+        default = min(cfg.default_lifetime, cfg.max_lifetime)
+        if requested is None:
+            return default
+        return max(default, min(requested, cfg.max_lifetime))
+
+    def _allocate(self, msg, ft, now, username, key, integrity, alloc) -> list:
+        if alloc is not None:
+            if msg.transaction_id == alloc.allocate_tid:
+                self.count("allocate_retransmits")
+                return [Reply(alloc.allocate_response)]
+            raise StunError(c.ALLOCATION_MISMATCH)
+        transport = msg.get(c.REQUESTED_TRANSPORT)
+        if transport is None:
+            raise StunError(c.BAD_REQUEST, "Missing REQUESTED-TRANSPORT")
+        if transport != c.TRANSPORT_UDP:
+            raise StunError(c.UNSUPPORTED_TRANSPORT)
+        dont_fragment = c.DONT_FRAGMENT in msg
+        if dont_fragment and not self.config.dont_fragment:
+            raise StunError(c.UNKNOWN_ATTRIBUTE, attributes=[(c.UNKNOWN_ATTRIBUTES, (c.DONT_FRAGMENT,))])
+        token, even = msg.get(c.RESERVATION_TOKEN), msg.get(c.EVEN_PORT)
+        req_fam = msg.get(c.REQUESTED_ADDRESS_FAMILY)
+        add_fam = msg.get(c.ADDITIONAL_ADDRESS_FAMILY, msg.get(c.ADDITIONAL_ADDRESS_FAMILY_DRAFT))
+        if token is not None and (even is not None or req_fam is not None or add_fam is not None):
+            raise StunError(c.BAD_REQUEST, "RESERVATION-TOKEN with EVEN-PORT or address family")
+        if req_fam is not None and add_fam is not None:
+            raise StunError(c.BAD_REQUEST, "REQUESTED- and ADDITIONAL-ADDRESS-FAMILY together")
+        if req_fam is not None and req_fam not in (c.FAMILY_IPV4, c.FAMILY_IPV6):
+            raise StunError(c.ADDRESS_FAMILY_NOT_SUPPORTED)
+        if add_fam is not None and add_fam != c.FAMILY_IPV6:
+            raise StunError(c.BAD_REQUEST, "ADDITIONAL-ADDRESS-FAMILY must be IPv6")
+        cfg = self.config
+        if cfg.user_quota and self.user_allocations.get(username, 0) >= cfg.user_quota:
+            raise StunError(c.ALLOCATION_QUOTA_REACHED)
+        if cfg.total_quota and len(self.allocations) >= cfg.total_quota:
+            raise StunError(c.ALLOCATION_QUOTA_REACHED)
+
+        if token is not None:
+            families = [4]
+        elif req_fam is not None:
+            families = [4 if req_fam == c.FAMILY_IPV4 else 6]
+        elif add_fam is not None:
+            families = [4, 6]
+        elif cfg.default_family == "keep":
+            families = [_family(ft.client[0])]
+        else:
+            families = [6 if cfg.default_family == "ipv6" else 4]
+        if families[0] not in self.relay_ips:
+            raise StunError(c.ADDRESS_FAMILY_NOT_SUPPORTED)
+
+        alloc = Allocation(ft, username, key, integrity, now + self._lifetime(msg),
+                           secrets.token_bytes(12))
+        response_attrs: list = []
+        new_token = None
+        # The primary relay.
+        ip = self.relay_ips[families[0]]
+        if token is not None:
+            reserved = self.reservations.pop(token, None)
+            if reserved is None or reserved[2] < now:
+                if reserved is not None:
+                    self.pools[reserved[0]].give(reserved[1])
+                raise StunError(c.INSUFFICIENT_CAPACITY, "Unknown or expired RESERVATION-TOKEN")
+            ip, port = reserved[0], reserved[1]
+            handle = self.binder.bind(ip, port, dont_fragment) if self.binder else object()
+            if handle is None:
+                self.pools[ip].give(port)
+                raise StunError(c.INSUFFICIENT_CAPACITY)
+            relay = self._add_relay(alloc, ip, port, handle)
+        else:
+            relay = self._bind_relay(alloc, ip, dont_fragment, even_port=even is not None)
+            if relay is None:
+                raise StunError(c.INSUFFICIENT_CAPACITY)
+            if even:  # R bit: keep port+1 for a later Allocate with RESERVATION-TOKEN
+                new_token = secrets.token_bytes(8)
+                self.reservations[new_token] = (ip, relay.address[1] + 1, now + RESERVATION_LIFETIME)
+            elif even is not None:
+                self.pools[ip].give(relay.address[1] + 1)
+        response_attrs.append((c.XOR_RELAYED_ADDRESS, relay.advertised))
+        # The additional IPv6 relay of a dual allocation.
+        if len(families) == 2:
+            if 6 not in self.relay_ips:
+                response_attrs.append((c.ADDRESS_ERROR_CODE, AddressErrorCode(
+                    c.FAMILY_IPV6, 440, c.REASONS[440])))
+            else:
+                extra = self._bind_relay(alloc, self.relay_ips[6], dont_fragment, even_port=False)
+                if extra is None:
+                    response_attrs.append((c.ADDRESS_ERROR_CODE, AddressErrorCode(
+                        c.FAMILY_IPV6, 508, c.REASONS[508])))
+                else:
+                    response_attrs.append((c.XOR_RELAYED_ADDRESS, extra.advertised))
+        response_attrs.append((c.LIFETIME, int(alloc.expires - now)))
+        if new_token is not None:
+            response_attrs.append((c.RESERVATION_TOKEN, new_token))
+        response_attrs.append((c.XOR_MAPPED_ADDRESS, ft.client))
+
+        self.allocations[ft] = alloc
+        self.user_allocations[username] = self.user_allocations.get(username, 0) + 1
+        for r in alloc.relays.values():
+            self.relays_by_addr[r.address] = r
+            self.relays_by_addr[r.advertised] = r
+        alloc.allocate_tid = msg.transaction_id
+        alloc.allocate_response = self._signed(msg, key, integrity, response_attrs)
+        self.count("allocations_created")
+        return [AllocationCreated(alloc), Reply(alloc.allocate_response)]
+
+    def _add_relay(self, alloc: Allocation, ip: str, port: int, handle) -> Relay:
+        address = (ip, port)
+        advertised = (self.external.get(ip, ip), port)
+        relay = Relay(alloc, _family(ip), address, advertised, handle)
+        alloc.relays[relay.family] = relay
+        return relay
+
+    def _bind_relay(self, alloc, ip, dont_fragment, *, even_port: bool) -> Relay | None:
+        pool = self.pools[ip]
+        for _ in range(16):
+            port = pool.take_even_pair(self.rng) if even_port else pool.take_random(self.rng)
+            if port is None:
+                return None
+            handle = self.binder.bind(ip, port, dont_fragment) if self.binder else object()
+            if handle is not None:
+                return self._add_relay(alloc, ip, port, handle)
+            # Taken by another program: leave it out of the pool for now, try another.
+            if even_port:
+                pool.give(port + 1)
+            self.count("relay_bind_failures")
+        return None
+
+    def _delete(self, alloc: Allocation) -> AllocationDeleted:
+        del self.allocations[alloc.five_tuple]
+        n = self.user_allocations.get(alloc.username, 1) - 1
+        if n:
+            self.user_allocations[alloc.username] = n
+        else:
+            self.user_allocations.pop(alloc.username, None)
+        for relay in alloc.relays.values():
+            self.relays_by_addr.pop(relay.address, None)
+            self.relays_by_addr.pop(relay.advertised, None)
+            self.pools[relay.address[0]].give(relay.address[1])
+        alloc.expires = float("-inf")  # the hot path stops at once
+        return AllocationDeleted(alloc)
+
+    def _refresh(self, msg, alloc, now) -> list:
+        fam = msg.get(c.REQUESTED_ADDRESS_FAMILY)
+        if fam is not None and (4 if fam == c.FAMILY_IPV4 else 6) not in alloc.relays:
+            raise StunError(c.PEER_ADDRESS_FAMILY_MISMATCH)
+        if msg.get(c.LIFETIME) == 0:
+            deleted = self._delete(alloc)
+            self.count("allocations_deleted")
+            return [deleted, Reply(self._signed(msg, alloc.key, alloc.integrity, [(c.LIFETIME, 0)]))]
+        lifetime = self._lifetime(msg)
+        alloc.expires = now + lifetime
+        return [Reply(self._signed(msg, alloc.key, alloc.integrity, [(c.LIFETIME, lifetime)]))]
+
+    def peer_allowed(self, ip: str, port: int | None) -> bool:
+        """May a client reach this peer?  ``port`` None: any port (CreatePermission)."""
+        if ip in self.own_ips:
+            if port is not None and (ip, port) in self.listen_set:
+                return False
+            if ip in self.own_relay_ips and (port is None or (ip, port) in self.relays_by_addr):
+                return True
+            return self.policy.explicitly_allowed(ip)
+        if _family(ip) == 6:
+            v6 = ipaddress.IPv6Address(ip)
+            if any(str(v4) in self.own_ips for v4 in embedded_ipv4(v6)):
+                return False
+        return self.policy.allowed(ip)
+
+    def _peer_relay(self, alloc: Allocation, peer: Address) -> Relay:
+        relay = alloc.relays.get(_family(peer[0]))
+        if relay is None:
+            raise StunError(c.PEER_ADDRESS_FAMILY_MISMATCH)
+        return relay
+
+    def _create_permission(self, msg, alloc, now) -> list:
+        peers = msg.get_all(c.XOR_PEER_ADDRESS)
+        if not peers:
+            raise StunError(c.BAD_REQUEST, "Missing XOR-PEER-ADDRESS")
+        for peer in peers:
+            self._peer_relay(alloc, peer)
+            if not self.peer_allowed(peer[0], None):
+                self.count("peers_denied")
+                raise StunError(c.FORBIDDEN)
+        for peer in peers:
+            alloc.permissions[peer[0]] = now + self.config.permission_lifetime
+        return [Reply(self._signed(msg, alloc.key, alloc.integrity, []))]
+
+    def _channel_bind(self, msg, alloc, now) -> list:
+        number, peer = msg.get(c.CHANNEL_NUMBER), msg.get(c.XOR_PEER_ADDRESS)
+        if number is None or peer is None:
+            raise StunError(c.BAD_REQUEST, "Missing CHANNEL-NUMBER or XOR-PEER-ADDRESS")
+        if not c.CHANNEL_MIN <= number <= self.config.channel_max:
+            raise StunError(c.BAD_REQUEST, "Channel number out of range")
+        relay = self._peer_relay(alloc, peer)
+        if not self.peer_allowed(peer[0], peer[1]):
+            self.count("peers_denied")
+            raise StunError(c.FORBIDDEN)
+        existing = alloc.channels.get(number)
+        if existing is not None and existing.peer != peer:
+            raise StunError(c.BAD_REQUEST, "Channel bound to another peer")
+        other = alloc.peer_channels.get(peer)
+        if other is not None and other.number != number:
+            raise StunError(c.BAD_REQUEST, "Peer bound to another channel")
+        expires = now + self.config.channel_lifetime
+        if existing is not None:
+            existing.expires = expires
+        else:
+            ch = Channel(number, peer, relay, expires, peer[0] in self.own_ips)
+            alloc.channels[number] = ch
+            alloc.peer_channels[peer] = ch
+        alloc.permissions[peer[0]] = now + self.config.permission_lifetime
+        return [Reply(self._signed(msg, alloc.key, alloc.integrity, []))]
+
+    # --- indications -------------------------------------------------------------------
 
     def _indication(self, msg: Message, ft: FiveTuple, now: float) -> list:
-        # A Binding indication is a keepalive: nothing to answer.
-        self.count("indications")
-        return []
+        if msg.method != c.SEND:
+            self.count("indications_ignored")  # Binding keepalives, stray Data indications
+            return []
+        alloc = self.allocations.get(ft)
+        peer, data = msg.get(c.XOR_PEER_ADDRESS), msg.get(c.DATA_ATTR)
+        if alloc is None or peer is None or data is None or alloc.expires < now:
+            self.count("send_dropped")
+            return []
+        relay = alloc.relays.get(_family(peer[0]))
+        if relay is None or not alloc.permitted(peer[0], now):
+            self.count("send_dropped")
+            return []
+        return [SendToPeer(relay, peer, data)]
 
-    # --- building responses --------------------------------------------------------
+    # --- building responses ---------------------------------------------------------------
 
     def _software(self) -> list:
         return [(c.SOFTWARE, self.config.software)] if self.config.software else []
@@ -99,9 +515,9 @@ class TurnServer:
         return Message(msg.method, cls, msg.transaction_id, attributes + self._software())
 
     def _error_bytes(self, method: int, transaction_id: bytes, err: StunError, *,
-                     fingerprint: bool = False, key: bytes | None = None) -> bytes:
-        from ..stun.attributes import ErrorCode
+                     fingerprint: bool = False, key: bytes | None = None,
+                     integrity: str = "sha1") -> bytes:
         msg = Message(method, c.ERROR, transaction_id,
                       [(c.ERROR_CODE, ErrorCode(err.code, err.reason))] + err.attributes
                       + self._software())
-        return encode(msg, key=key, fingerprint=fingerprint)
+        return encode(msg, key=key, integrity=integrity, fingerprint=fingerprint)
