@@ -1,0 +1,83 @@
+"""The TURN core in memory: a server, fake relay sockets, and clients with explicit time."""
+
+from __future__ import annotations
+
+import random
+
+from turnd.auth import AnyOf, RestSecrets, StaticUsers
+from turnd.stun import Message
+from turnd.stun import constants as c
+from turnd.turn.policy import PeerPolicy
+from turnd.turn.protocol import FiveTuple, ProtocolConfig, Reply, TurnServer
+
+from .turn_client import TurnClient
+
+SERVER4 = ("192.0.2.1", 3478)
+SERVER6 = ("2001:db8::1", 3478)
+RELAY4 = "198.51.100.1"
+RELAY6 = "2001:db8::100"
+
+
+class FakeSocket:
+    def __init__(self, ip, port):
+        self.address = (ip, port)
+        self.closed = False
+
+
+class FakeBinder:
+    def __init__(self):
+        self.refuse: set[int] = set()
+        self.bound: list[FakeSocket] = []
+
+    def bind(self, ip, port, dont_fragment):
+        if port in self.refuse:
+            return None
+        sock = FakeSocket(ip, port)
+        self.bound.append(sock)
+        return sock
+
+
+class Harness:
+    def __init__(self, users=None, secrets=(), allow=(), deny=(), **overrides):
+        settings = dict(realm="example.org", listen=(SERVER4, SERVER6),
+                        relay_addresses=(RELAY4, RELAY6), port_range=(50000, 50099))
+        settings.update(overrides)
+        self.config = ProtocolConfig(**settings)
+        users = {"alice": "alicepw", "bob": "bobpw"} if users is None else users
+        backends = [StaticUsers(users, self.config.realm)]
+        if secrets:
+            backends.append(RestSecrets(secrets))
+        self.binder = FakeBinder()
+        self.server = TurnServer(self.config, credentials=AnyOf(*backends),
+                                 policy=PeerPolicy(allow, deny), binder=self.binder,
+                                 rng=random.Random(7), nonce_secret=b"n" * 32)
+        self.now = 1_700_000_000.0
+
+    def five_tuple(self, port=40000, ip="203.0.113.5", server=SERVER4):
+        return FiveTuple("udp", (ip, port), server)
+
+    def send(self, data: bytes, ft: FiveTuple) -> list:
+        return self.server.handle_untrusted(data, ft, self.now)
+
+    def replies(self, actions) -> list[bytes]:
+        return [a.data for a in actions if isinstance(a, Reply)]
+
+    def call(self, client: TurnClient, ft: FiveTuple, method: int, attributes=(), **kw) -> Message:
+        """One request; on 401/438 learn the nonce and retry once, like real clients."""
+        msg, data = client.request(method, attributes, **kw)
+        resp = client.learn(self.replies(self.send(data, ft))[0])
+        err = resp.get(c.ERROR_CODE)
+        if err is not None and err.code in (401, 438) and kw.get("auth", True):
+            msg, data = client.request(method, attributes, **kw)
+            resp = client.learn(self.replies(self.send(data, ft))[0])
+        assert resp.transaction_id == msg.transaction_id
+        return resp
+
+    def allocate(self, client: TurnClient, ft: FiveTuple, attributes=None) -> Message:
+        attrs = [(c.REQUESTED_TRANSPORT, 17)] if attributes is None else attributes
+        return self.call(client, ft, c.ALLOCATE, attrs)
+
+
+def error_code(msg: Message) -> int | None:
+    err = msg.get(c.ERROR_CODE)
+    return err.code if err is not None else None
