@@ -41,3 +41,72 @@ def binding_request(attributes=(), *, fingerprint=False) -> tuple[Message, bytes
 
 def parse(data: bytes) -> Message:
     return decode_untrusted(data)
+
+
+# --- TURN over real sockets ------------------------------------------------------
+
+from turnd.config import AuthConfig, LimitsConfig, PeersConfig, RelayConfig  # noqa: E402
+
+from .turn_client import TurnClient  # noqa: E402
+
+USERS = (("alice", "alicepw"), ("bob", "bobpw"))
+
+
+def turn_config(allow=("127.0.0.1/32", "::1/128"), relay=None, limits=None, **server) -> Config:
+    server.setdefault("listen", (Endpoint("127.0.0.1", 0), Endpoint("::1", 0)))
+    server.setdefault("realm", "turnd.test")
+    return Config(server=ServerConfig(**server), auth=AuthConfig(users=USERS),
+                  relay=relay or RelayConfig(ports=(40000, 40999)),
+                  peers=PeersConfig(allow=tuple(allow)), limits=limits or LimitsConfig())
+
+
+class UdpTurn:
+    """A TURN client over a real UDP socket."""
+
+    def __init__(self, sock, server, client: TurnClient):
+        self.sock, self.server, self.client = sock, server, client
+
+    @classmethod
+    async def connect(cls, server, user="alice", password="alicepw", host=None):
+        sock = await udp_client(host or server[0])
+        return cls(sock, server, TurnClient(user, password))
+
+    async def call(self, method, attributes=()) -> Message:
+        for _ in range(2):
+            msg, data = self.client.request(method, attributes)
+            await self.sock.sendto(data, self.server)
+            while True:
+                reply, _ = await self.sock.recvfrom(65536)
+                if reply[0] < 0x40:
+                    resp = self.client.learn(reply)
+                    if resp.transaction_id == msg.transaction_id:
+                        break
+            err = resp.get(c.ERROR_CODE)
+            if err is None or err.code not in (401, 438):
+                return resp
+        return resp
+
+    async def allocate(self, extra=()) -> tuple:
+        resp = await self.call(c.ALLOCATE, [(c.REQUESTED_TRANSPORT, 17), *extra])
+        assert resp.cls == c.SUCCESS, resp
+        return resp.get(c.XOR_RELAYED_ADDRESS)
+
+    async def permit(self, *peers):
+        resp = await self.call(c.CREATE_PERMISSION, [(c.XOR_PEER_ADDRESS, p) for p in peers])
+        assert resp.cls == c.SUCCESS, resp
+
+    async def bind(self, number, peer):
+        resp = await self.call(c.CHANNEL_BIND, [(c.CHANNEL_NUMBER, number), (c.XOR_PEER_ADDRESS, peer)])
+        assert resp.cls == c.SUCCESS, resp
+
+    async def recv(self, timeout=2.0) -> bytes | None:
+        with trio.move_on_after(timeout):
+            data, _ = await self.sock.recvfrom(65536)
+            return data
+        return None
+
+
+async def recv_or_none(sock, timeout=0.3):
+    with trio.move_on_after(timeout):
+        return await sock.recvfrom(65536)
+    return None

@@ -27,7 +27,7 @@ from .turn.protocol import (AllocationCreated, AllocationDeleted, FiveTuple, Pro
 log = logging.getLogger("turnd")
 
 TCP_IDLE_TIMEOUT = 300.0
-SWEEP_INTERVAL = 1.0
+SWEEP_INTERVAL = 5.0  # frees ports and sockets; the hot path checks expiry itself
 RELAY_SOCKET_BUFFER = 1024 * 1024
 
 _IP_MTU_DISCOVER = getattr(socket, "IP_MTU_DISCOVER", 10)
@@ -76,7 +76,8 @@ class SocketBinder:
         return sock
 
 
-def make_core(config: Config) -> TurnServer:
+def make_core(config: Config, listen: tuple = ()) -> TurnServer:
+    """The sans-I/O core for ``config``; ``listen``: the bound (ip, port) endpoints."""
     backends = []
     if config.auth.users:
         backends.append(StaticUsers(dict(config.auth.users), config.server.realm))
@@ -86,7 +87,7 @@ def make_core(config: Config) -> TurnServer:
     limits = config.limits
     pconfig = ProtocolConfig(
         realm=config.server.realm, software=config.server.software,
-        listen=tuple((ep.host, ep.port) for ep in config.server.listen),
+        listen=listen or tuple((ep.host, ep.port) for ep in config.server.listen),
         relay_addresses=config.relay_addresses(), external=config.relay.external,
         port_range=config.relay.ports, default_family=config.relay.default_family,
         max_lifetime=limits.max_lifetime, nonce_lifetime=config.auth.nonce_lifetime,
@@ -186,7 +187,6 @@ class Shell:
 
 async def serve(config: Config, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
     """Serve until cancelled.  Started with ``nursery.start``, it returns a ``Running``."""
-    shell = Shell(config, make_core(config))
     udp_socks: list[socket.socket] = []
     tcp_socks: list[socket.socket] = []
     try:
@@ -198,6 +198,8 @@ async def serve(config: Config, *, task_status=trio.TASK_STATUS_IGNORED) -> None
         for s in udp_socks + tcp_socks:
             s.close()
         raise
+    bound = tuple(local_address(s) for s in udp_socks + tcp_socks)
+    shell = Shell(config, make_core(config, bound))
     listeners = [trio.SocketListener(trio.socket.from_stdlib_socket(s)) for s in tcp_socks]
     try:
         async with trio.open_nursery() as nursery:
