@@ -136,7 +136,7 @@ class Shell:
             scope = trio.CancelScope()
             scopes.append(scope)
             self.nursery.start_soon(self._relay_task, r, scope)
-        log.debug("allocation for %s: relays %s", alloc.username,
+        log.debug("allocation for %r: relays %s", alloc.username,
                   [r.address for r in alloc.relays.values()])
 
     def _stop_relaying(self, alloc) -> None:
