@@ -130,3 +130,60 @@ def test_serve_port_in_use_is_one_line(tmp_path):
         taken.close()
     assert proc.returncode == 1
     assert proc.stderr.strip() == f"turnd: cannot listen on udp 127.0.0.1:{port}: address already in use"
+
+
+FULL = '''
+[server]
+listen = ["127.0.0.1:3478"]
+realm = "example.org"
+[auth]
+users = { alice = "secret", bob = "0x0123456789abcdef0123456789abcdef" }
+secrets = ["s1", "s2"]
+nonce_lifetime = 300
+[relay]
+ports = "50000-50100"
+addresses = ["127.0.0.1"]
+external = { "127.0.0.1" = "203.0.113.7" }
+default_family = "keep"
+[peers]
+allow = ["10.0.0.0/8"]
+deny = ["10.1.0.0/16"]
+[limits]
+user_quota = 5
+total_quota = 100
+max_lifetime = 1800
+'''
+
+
+def test_full_config_parses(tmp_path):
+    path = tmp_path / "t.toml"
+    path.write_text(FULL)
+    cfg = load_config(str(path))
+    assert cfg.auth.users == (("alice", "secret"), ("bob", "0x0123456789abcdef0123456789abcdef"))
+    assert cfg.auth.secrets == ("s1", "s2") and cfg.auth.nonce_lifetime == 300
+    assert cfg.relay.ports == (50000, 50100) and cfg.relay.external == (("127.0.0.1", "203.0.113.7"),)
+    assert cfg.relay.default_family == "keep"
+    assert cfg.peers.allow == ("10.0.0.0/8",) and cfg.peers.deny == ("10.1.0.0/16",)
+    assert (cfg.limits.user_quota, cfg.limits.total_quota, cfg.limits.max_lifetime) == (5, 100, 1800)
+
+
+@pytest.mark.parametrize("section, message", [
+    ('[relay]\nports = "60000-50000"\n', 'config error: relay.ports: "60000-50000": need 1024 <= min <= max <= 65535'),
+    ('[relay]\nports = "1-2-3"\n', 'config error: relay.ports: "1-2-3": expected "min-max", e.g. "49152-65535"'),
+    ('[relay]\ndefault_family = "both"\n', 'config error: relay.default_family: "both": must be "ipv4", "ipv6" or "keep"'),
+    ('[relay]\naddresses = ["1.2.3.4", "5.6.7.8"]\n', "config error: relay.addresses: at most one IPv4 and one IPv6 address"),
+    ('[relay]\nexternal = { "127.0.0.1" = "::1" }\n', "config error: relay.external.127.0.0.1: internal and public address must be of one family"),
+    ('[relay]\nexternal = { "10.9.9.9" = "1.2.3.4" }\n', "config error: relay.external.10.9.9.9: is neither a listen nor a relay address"),
+    ('[auth]\nusers = { alice = 5 }\n', "config error: auth.users.alice: must be a password string, not an integer"),
+    ('[auth]\nusers = { alice = "0xabc" }\n', 'config error: auth.users.alice: a key must be "0x" + 32 hex digits (MD5 of user:realm:password)'),
+    ('[auth]\nsecrets = "s"\n', "config error: auth.secrets: must be a list, not a string"),
+    ('[auth]\nnonce_lifetime = 5\n', "config error: auth.nonce_lifetime: 5: must be 30-86400"),
+    ('[peers]\nallow = ["10.0.0.0/33"]\n', 'config error: peers.allow[0]: "10.0.0.0/33": not a CIDR like "10.0.0.0/8"'),
+    ('[limits]\nmax_lifetime = 7200\n', "config error: limits.max_lifetime: 7200: must be 60-3600"),
+    ('[limits]\nuser_quota = -1\n', "config error: limits.user_quota: -1: must be 0-1000000"),
+    ('[limits]\nquota = 1\n', "config error: limits.quota: unknown key"),
+])
+def test_bad_turn_keys(tmp_path, section, message):
+    result = run_check(tmp_path, '[server]\nlisten = ["127.0.0.1:3478"]\n' + section)
+    assert result.exit_code == 2
+    assert result.stderr.strip() == message

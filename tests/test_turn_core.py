@@ -465,3 +465,40 @@ def test_401_responses_are_rate_limited_per_source_ip(h):
     assert h.replies(h.send(data, h.five_tuple(ip="203.0.113.99")))
     h.now += 1
     assert h.replies(h.send(data, h.five_tuple()))
+
+
+def test_unauthenticated_flood_keeps_no_state():
+    """Pre-auth state exhaustion: thousands of unauthenticated Allocates from many ports."""
+    import gc
+    import tracemalloc
+    h = Harness(unauth_rate=1e9)  # answer them all: we measure state, not the rate limit
+    client = alice()
+    msgs = [client.request(c.ALLOCATE, [(c.REQUESTED_TRANSPORT, 17)], auth=False)[1]
+            for _ in range(200)]
+    for i, data in enumerate(msgs):  # warm up caches
+        h.send(data, h.five_tuple(port=i))
+    gc.collect()
+    tracemalloc.start()
+    before = tracemalloc.get_traced_memory()[0]
+    for round_ in range(25):
+        for i, data in enumerate(msgs):
+            h.send(data, h.five_tuple(port=1000 + round_ * 200 + i, ip=f"198.18.{round_}.{i % 250}"))
+    gc.collect()
+    grown = tracemalloc.get_traced_memory()[0] - before
+    tracemalloc.stop()
+    assert h.server.allocations == {} and h.server.reservations == {}
+    assert grown < 64 * 1024, grown  # 5000 requests: flat (no per-request state)
+
+
+def test_messages_after_a_valid_allocation_with_appended_peer_are_ignored(h):
+    """A CreatePermission with a denied XOR-PEER-ADDRESS appended after MESSAGE-INTEGRITY."""
+    client, ft = alice(), h.five_tuple()
+    h.allocate(client, ft)
+    msg, data = client.request(c.CREATE_PERMISSION, [(c.XOR_PEER_ADDRESS, PEER)])
+    extra = encode(Message(c.BINDING, c.REQUEST, msg.transaction_id,
+                           [(c.XOR_PEER_ADDRESS, ("10.0.0.1", 1))]))[20:]
+    body = data[20:] + extra
+    forged = data[:2] + len(body).to_bytes(2, "big") + data[4:20] + body
+    resp = decode_untrusted(h.replies(h.send(forged, ft))[0])
+    assert resp.cls == c.SUCCESS
+    assert set(h.server.allocations[ft].permissions) == {"8.8.8.8"}

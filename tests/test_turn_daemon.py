@@ -208,3 +208,16 @@ async def test_expiry_closes_the_relay_and_returns_the_port(nursery, jumping_clo
         # the port is really closed: a fresh allocation gets it again
         turn2 = await UdpTurn.connect(running.udp[0], "bob", "bobpw")
         assert await turn2.allocate() == ("127.0.0.1", 41000)
+
+
+async def test_dont_fragment_is_honoured_on_the_relay_socket(running):
+    import socket
+    with trio.fail_after(10):
+        turn = await UdpTurn.connect(running.udp[0])
+        await turn.allocate([(c.DONT_FRAGMENT, True)])
+        plain = await UdpTurn.connect(running.udp[0], "bob", "bobpw")
+        await plain.allocate()
+    by_user = {a.username: a for a in running.core.allocations.values()}
+    opt = getattr(socket, "IP_MTU_DISCOVER", 10)
+    assert by_user["alice"].relays[4].handle.getsockopt(socket.IPPROTO_IP, opt) == 2  # IP_PMTUDISC_DO
+    assert by_user["bob"].relays[4].handle.getsockopt(socket.IPPROTO_IP, opt) != 2

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import ipaddress
 import random
+from array import array
 import secrets
 from typing import NamedTuple, Protocol
 
@@ -128,7 +129,9 @@ class TurnServer:
                                  | set(self.external) | set(self.external.values()))
         self.own_relay_ips = frozenset(set(config.relay_addresses) | {
             self.external[ip] for ip in config.relay_addresses if ip in self.external})
-        self._buckets = [(0.0, 0.0)] * RATE_BUCKETS  # (tokens, last time), fixed memory
+        # Token buckets for 401s, indexed by a hash of the source IP: fixed memory.
+        self._tokens = array("d", bytes(8 * RATE_BUCKETS))
+        self._last = array("d", bytes(8 * RATE_BUCKETS))
 
     def count(self, name: str) -> None:
         self.stats[name] = self.stats.get(name, 0) + 1
@@ -215,13 +218,13 @@ class TurnServer:
     def _rate_ok(self, ft: FiveTuple, now: float) -> bool:
         """A token bucket per source IP in a fixed-size table: no state per request."""
         i = hash(ft.client[0]) % RATE_BUCKETS
-        tokens, last = self._buckets[i]
         rate = self.config.unauth_rate
-        tokens = min(2 * rate, tokens + (now - last) * rate)
+        tokens = min(2 * rate, self._tokens[i] + (now - self._last[i]) * rate)
+        self._last[i] = now
         if tokens < 1:
-            self._buckets[i] = (tokens, now)
+            self._tokens[i] = tokens
             return False
-        self._buckets[i] = (tokens - 1, now)
+        self._tokens[i] = tokens - 1
         return True
 
     def _authenticate(self, msg: Message, ft: FiveTuple, now: float) -> tuple[str, bytes, str]:
