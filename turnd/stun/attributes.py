@@ -191,36 +191,35 @@ def _even_port():
 
 # --- structured ---------------------------------------------------------------
 
+_REASON = _text(c.MAX_TEXT_BYTES, c.MAX_TEXT_CHARS)
+
+
+def _code_and_reason(value: bytes, tid: bytes) -> tuple[int, str]:
+    """Bytes 2-3 (class, number) and the reason phrase after them, shared by
+    ERROR-CODE and ADDRESS-ERROR-CODE."""
+    if len(value) < 4:
+        raise _bad("error code attribute too short")
+    cls, number = value[2] & 0x07, value[3]
+    if not 3 <= cls <= 6 or number > 99:
+        raise _bad("error code out of range")
+    return cls * 100 + number, _REASON[0](value[4:], tid)
+
+
+def _code_bytes(code: int, reason: str, tid: bytes) -> bytes:
+    return bytes((code // 100, code % 100)) + _REASON[1](reason, tid)
+
+
 def _error_code():
     def decode(value: bytes, tid: bytes) -> ErrorCode:
-        if len(value) < 4:
-            raise _bad("ERROR-CODE too short")
-        cls, number = value[2] & 0x07, value[3]
-        if not 3 <= cls <= 6 or number > 99:
-            raise _bad("ERROR-CODE out of range")
-        reason = _text(c.MAX_TEXT_BYTES, c.MAX_TEXT_CHARS)[0](value[4:], tid)
-        return ErrorCode(cls * 100 + number, reason)
-
-    def encode(v: ErrorCode, tid: bytes) -> bytes:
-        return struct.pack("!HBB", 0, v.code // 100, v.code % 100) + \
-            _text(c.MAX_TEXT_BYTES, c.MAX_TEXT_CHARS)[1](v.reason, tid)
-    return decode, encode
+        return ErrorCode(*_code_and_reason(value, tid))
+    return decode, lambda v, tid: b"\x00\x00" + _code_bytes(v.code, v.reason, tid)
 
 
 def _address_error_code():
     def decode(value: bytes, tid: bytes) -> AddressErrorCode:
-        if len(value) < 4:
-            raise _bad("ADDRESS-ERROR-CODE too short")
-        cls, number = value[2] & 0x07, value[3]
-        if not 3 <= cls <= 6 or number > 99:
-            raise _bad("ADDRESS-ERROR-CODE out of range")
-        reason = _text(c.MAX_TEXT_BYTES, c.MAX_TEXT_CHARS)[0](value[4:], tid)
-        return AddressErrorCode(value[0], cls * 100 + number, reason)
-
-    def encode(v: AddressErrorCode, tid: bytes) -> bytes:
-        return struct.pack("!BBBB", v.family, 0, v.code // 100, v.code % 100) + \
-            _text(c.MAX_TEXT_BYTES, c.MAX_TEXT_CHARS)[1](v.reason, tid)
-    return decode, encode
+        code, reason = _code_and_reason(value, tid)
+        return AddressErrorCode(value[0], code, reason)
+    return decode, lambda v, tid: bytes((v.family, 0)) + _code_bytes(v.code, v.reason, tid)
 
 
 def _unknown_attributes():
