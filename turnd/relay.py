@@ -245,7 +245,8 @@ async def listener_loop(sock: socket.socket, clients: dict, forwarder: Forwarder
                     continue
             stats.packets_slow_path += 1
             slow_path(bytes(view[:n]), addr, sock)
-        await checkpoint()
+        else:  # the batch cap was hit: let other tasks run before draining more
+            await checkpoint()
 
 
 async def relay_loop(relay, forwarder: Forwarder, now_fn) -> None:
@@ -306,4 +307,5 @@ async def relay_loop(relay, forwarder: Forwarder, now_fn) -> None:
                 stats.to_client += 1
             except OSError:
                 stats.send_dropped += 1
-        await checkpoint()
+        else:  # the batch cap was hit: let other tasks run before draining more
+            await checkpoint()
