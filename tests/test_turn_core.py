@@ -502,3 +502,33 @@ def test_messages_after_a_valid_allocation_with_appended_peer_are_ignored(h):
     resp = decode_untrusted(h.replies(h.send(forged, ft))[0])
     assert resp.cls == c.SUCCESS
     assert set(h.server.allocations[ft].permissions) == {"8.8.8.8"}
+
+
+def test_expired_channel_cannot_be_rebound_differently_for_five_minutes(h):
+    client, ft = alice(), h.five_tuple()
+    h.allocate(client, ft, [(c.REQUESTED_TRANSPORT, 17), (c.LIFETIME, 3600)])
+
+    def bind(number, peer):
+        return h.call(client, ft, c.CHANNEL_BIND, [(c.CHANNEL_NUMBER, number), (c.XOR_PEER_ADDRESS, peer)])
+
+    assert bind(0x4000, PEER).cls == c.SUCCESS
+    h.now += 601
+    h.server.expire(h.now)
+    assert error_code(bind(0x4000, ("1.1.1.1", 1))) == 400  # the number is cooling down
+    assert error_code(bind(0x4001, PEER)) == 400           # and so is the peer
+    assert bind(0x4000, PEER).cls == c.SUCCESS              # the same pair may come back
+    h.now += 601
+    h.server.expire(h.now)
+    h.now += 301
+    h.server.expire(h.now)
+    assert bind(0x4001, PEER).cls == c.SUCCESS              # after 5 minutes, anything goes
+
+
+def test_userhash_feature_only_with_a_user_table():
+    from turnd.auth import AnyOf, RestSecrets, StaticUsers
+    from turnd.turn.nonce import FEATURE_USERNAME_ANONYMITY
+    from turnd.turn.protocol import ProtocolConfig, TurnServer
+    rest_only = TurnServer(ProtocolConfig(), credentials=AnyOf(RestSecrets(["s"])))
+    both = TurnServer(ProtocolConfig(), credentials=AnyOf(RestSecrets(["s"]), StaticUsers({"a": "b"}, "turnd")))
+    assert not rest_only.nonces.features & FEATURE_USERNAME_ANONYMITY
+    assert both.nonces.features & FEATURE_USERNAME_ANONYMITY

@@ -221,3 +221,21 @@ async def test_dont_fragment_is_honoured_on_the_relay_socket(running):
     opt = getattr(socket, "IP_MTU_DISCOVER", 10)
     assert by_user["alice"].relays[4].handle.getsockopt(socket.IPPROTO_IP, opt) == 2  # IP_PMTUDISC_DO
     assert by_user["bob"].relays[4].handle.getsockopt(socket.IPPROTO_IP, opt) != 2
+
+
+async def test_a_bug_in_the_core_drops_one_request_not_the_daemon(running):
+    calls = []
+
+    def broken(data, ft, now):
+        calls.append(ft)
+        raise RuntimeError("simulated bug")
+
+    real = running.core.handle_untrusted
+    running.core.handle_untrusted = broken
+    with trio.fail_after(10):
+        turn = await UdpTurn.connect(running.udp[0])
+        await turn.sock.sendto(b"\x00\x01\x00\x00\x21\x12\xa4\x42" + b"x" * 12, running.udp[0])
+        assert await turn.recv(timeout=0.3) is None
+        running.core.handle_untrusted = real
+        assert await turn.allocate()
+    assert len(calls) == 1

@@ -17,6 +17,8 @@ from .stun.integrity import long_term_key, userhash
 
 
 class Credentials(Protocol):
+    supports_userhash: bool  # can a USERHASH be mapped back to a user name?
+
     def keys_for(self, username: str, realm: str, algorithm: int, now: float) -> list[bytes]: ...
 
     def username_for_userhash(self, digest: bytes, realm: str) -> str | None: ...
@@ -34,6 +36,8 @@ def parse_hex_key(value: str) -> bytes | None:
 
 class StaticUsers:
     """``[auth] users``: user -> password, or user -> "0x" + hex MD5 key."""
+
+    supports_userhash = True
 
     def __init__(self, users: dict[str, str], realm: str):
         self._md5: dict[str, bytes] = {}
@@ -73,6 +77,8 @@ class RestSecrets:
     until that time.  Every listed secret is tried, so secrets can rotate.
     """
 
+    supports_userhash = False  # the user name is derived per request: no table to look up
+
     def __init__(self, secrets: Iterable[str]):
         self.secrets = list(secrets)
 
@@ -97,6 +103,7 @@ class AnyOf:
 
     def __init__(self, *backends: Credentials):
         self.backends = backends
+        self.supports_userhash = any(b.supports_userhash for b in backends)
 
     def keys_for(self, username: str, realm: str, algorithm: int, now: float) -> list[bytes]:
         return [k for b in self.backends for k in b.keys_for(username, realm, algorithm, now)]

@@ -109,6 +109,8 @@ class Shell:
         self.udp_clients: dict[tuple, dict] = {}
         self.relay_scopes: dict[int, list[trio.CancelScope]] = {}
         self.nursery: trio.Nursery | None = None
+        self.internal_errors = 0
+        self._last_error_log = float("-inf")
         # Wall-clock seconds, advanced by trio's clock (so autojump_clock drives expiry too).
         self._wall_offset = time.time() - trio.current_time()
 
@@ -155,7 +157,20 @@ class Shell:
 
     def udp_slow_path(self, data: bytes, addr, sock: socket.socket) -> None:
         ft = FiveTuple("udp", addr, local_address(sock))
-        self.execute(self.core.handle_untrusted(data, ft, self.now()), sock, addr)
+        try:
+            actions = self.core.handle_untrusted(data, ft, self.now())
+        except Exception:  # a bug, not bad input: never let it stop the other clients
+            self._internal_error()
+            return
+        self.execute(actions, sock, addr)
+
+    def _internal_error(self) -> None:
+        self.internal_errors += 1
+        now = trio.current_time()
+        if now - self._last_error_log >= 60:
+            self._last_error_log = now
+            log.exception("internal error handling a request (%d so far); request dropped",
+                          self.internal_errors)
 
     async def sweeper(self) -> None:
         while True:

@@ -36,7 +36,7 @@ class Allocation:
     __slots__ = ("five_tuple", "username", "key", "integrity", "expires", "relays",
                  "permissions", "channels", "peer_channels", "allocate_tid",
                  "allocate_response", "client_handle", "indication_tid", "peer_attr_cache",
-                 "reserved_port", "packets_to_peer", "packets_to_client")
+                 "reserved_port", "cooldown")
 
     def __init__(self, five_tuple, username: str, key: bytes, integrity: str, expires: float,
                  indication_tid: bytes):
@@ -55,8 +55,9 @@ class Allocation:
         self.indication_tid = indication_tid
         self.peer_attr_cache: dict[tuple, bytes] = {}
         self.reserved_port: tuple | None = None  # (ip, port) of an EVEN-PORT R=1 reservation
-        self.packets_to_peer = 0
-        self.packets_to_client = 0
+        # Expired channels: number -> (peer, until). For 5 minutes neither the number nor
+        # the peer may be bound to anything else (RFC 8656 §12).
+        self.cooldown: dict[int, tuple[tuple, float]] = {}
 
     def permitted(self, ip: str, now: float) -> bool:
         expiry = self.permissions.get(ip)

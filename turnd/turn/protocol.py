@@ -32,6 +32,7 @@ Address = tuple  # (ip: str, port: int)
 
 TURN_METHODS = (c.ALLOCATE, c.REFRESH, c.CREATE_PERMISSION, c.CHANNEL_BIND)
 RESERVATION_LIFETIME = 30.0
+CHANNEL_COOLDOWN = 300.0
 OFFERED_ALGORITHMS = (PasswordAlgorithm(c.ALGORITHM_MD5), PasswordAlgorithm(c.ALGORITHM_SHA256))
 RATE_BUCKETS = 4096
 
@@ -112,7 +113,7 @@ class TurnServer:
         self.rng = rng or random.SystemRandom()
         self.stats: dict[str, int] = {}
         features = FEATURE_PASSWORD_ALGORITHMS
-        if credentials is not None and getattr(credentials, "supports_userhash", True):
+        if credentials is not None and credentials.supports_userhash:
             features |= FEATURE_USERNAME_ANONYMITY
         self.nonces = NonceMaker(nonce_secret or secrets.token_bytes(32), config.nonce_lifetime,
                                  features)
@@ -197,6 +198,10 @@ class TurnServer:
                 if ch.expires < now:
                     del alloc.channels[number]
                     alloc.peer_channels.pop(ch.peer, None)
+                    alloc.cooldown[number] = (ch.peer, ch.expires + CHANNEL_COOLDOWN)
+            for number, (_, until) in list(alloc.cooldown.items()):
+                if until < now:
+                    del alloc.cooldown[number]
         for token, (ip, port, expiry) in list(self.reservations.items()):
             if expiry < now:
                 del self.reservations[token]
@@ -482,6 +487,10 @@ class TurnServer:
         other = alloc.peer_channels.get(peer)
         if other is not None and other.number != number:
             raise StunError(c.BAD_REQUEST, "Peer bound to another channel")
+        for cooling, (cooling_peer, until) in alloc.cooldown.items():
+            if until >= now and (cooling == number) != (cooling_peer == peer):
+                raise StunError(c.BAD_REQUEST, "Channel or peer was bound differently until recently")
+        alloc.cooldown.pop(number, None)
         expires = now + self.config.channel_lifetime
         if existing is not None:
             existing.expires = expires
