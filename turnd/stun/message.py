@@ -81,12 +81,6 @@ class Message:
             (other.method, other.cls, other.transaction_id, other.attributes)
 
 
-def is_stun_header(data) -> bool:
-    """Cheap check: top bits zero, length multiple of 4, magic cookie present."""
-    return (len(data) >= c.HEADER_SIZE and data[0] < 0x40 and data[3] & 3 == 0
-            and data[4:8] == c.MAGIC_COOKIE_BYTES)
-
-
 def decode_untrusted(data: bytes) -> Message:
     """Parse one STUN message from ``data`` (exactly one datagram or frame).
 

@@ -36,7 +36,7 @@ class Allocation:
     __slots__ = ("five_tuple", "username", "key", "integrity", "expires", "relays",
                  "permissions", "channels", "peer_channels", "allocate_tid",
                  "allocate_response", "client_handle", "indication_tid", "peer_attr_cache",
-                 "reserved_port", "cooldown")
+                 "cooldown")
 
     def __init__(self, five_tuple, username: str, key: bytes, integrity: str, expires: float,
                  indication_tid: bytes):
@@ -54,7 +54,6 @@ class Allocation:
         self.client_handle: object = None  # set by the shell: how to reach the client
         self.indication_tid = indication_tid
         self.peer_attr_cache: dict[tuple, bytes] = {}
-        self.reserved_port: tuple | None = None  # (ip, port) of an EVEN-PORT R=1 reservation
         # Expired channels: number -> (peer, until). For 5 minutes neither the number nor
         # the peer may be bound to anything else (RFC 8656 §12).
         self.cooldown: dict[int, tuple[tuple, float]] = {}
