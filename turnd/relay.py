@@ -34,7 +34,6 @@ HEADROOM = 64  # room for a Data indication header in front of the payload
 ZEROS = b"\x00\x00\x00\x00"
 _COOKIE_BYTES = c.MAGIC_COOKIE_BYTES
 _DATA_INDICATION = 0x0017
-_SEND_INDICATION = b"\x00\x16"
 _TLV = struct.Struct("!HH")
 _DATA_HEADER = struct.Struct("!HHI12s")
 _FAST_SEND_ATTRS = frozenset({c.XOR_PEER_ADDRESS, c.DATA_ATTR, c.DONT_FRAGMENT, c.SOFTWARE})

@@ -5,6 +5,7 @@ starts things (``serve``), one stops them (its nursery's cancel scope)."""
 from __future__ import annotations
 
 import errno
+import functools
 import logging
 import secrets
 import signal
@@ -17,7 +18,7 @@ import trio
 from . import relay
 from .auth import AnyOf, RestSecrets, StaticUsers
 from .config import Config
-from .sockets import local_address, open_socket
+from .sockets import local_address, open_relay_socket, open_socket
 from .stun.errors import StunDecodeError
 from .stun.framing import StreamFramer
 from .turn.policy import PeerPolicy
@@ -28,12 +29,6 @@ log = logging.getLogger("turnd")
 
 TCP_IDLE_TIMEOUT = 300.0
 SWEEP_INTERVAL = 5.0  # frees ports and sockets; the hot path checks expiry itself
-RELAY_SOCKET_BUFFER = 1024 * 1024
-
-_IP_MTU_DISCOVER = getattr(socket, "IP_MTU_DISCOVER", 10)
-_IP_PMTUDISC_DO = getattr(socket, "IP_PMTUDISC_DO", 2)
-_IPV6_MTU_DISCOVER = getattr(socket, "IPV6_MTU_DISCOVER", 23)
-_IPV6_PMTUDISC_DO = getattr(socket, "IPV6_PMTUDISC_DO", 2)
 
 
 @attrs.define
@@ -49,31 +44,13 @@ class Running:
 class SocketBinder:
     """The core's RelayBinder seam: real non-blocking UDP sockets."""
 
-    def __init__(self) -> None:
-        self.failures = 0
-
     def bind(self, ip: str, port: int, dont_fragment: bool):
-        fam = socket.AF_INET6 if ":" in ip else socket.AF_INET
-        sock = socket.socket(fam, socket.SOCK_DGRAM)
         try:
-            if fam == socket.AF_INET6:
-                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
-            if dont_fragment:
-                if fam == socket.AF_INET:
-                    sock.setsockopt(socket.IPPROTO_IP, _IP_MTU_DISCOVER, _IP_PMTUDISC_DO)
-                else:
-                    sock.setsockopt(socket.IPPROTO_IPV6, _IPV6_MTU_DISCOVER, _IPV6_PMTUDISC_DO)
-            for opt in (socket.SO_RCVBUF, socket.SO_SNDBUF):
-                sock.setsockopt(socket.SOL_SOCKET, opt, RELAY_SOCKET_BUFFER)
-            sock.bind((ip, port))
-            sock.setblocking(False)
+            return open_relay_socket(ip, port, dont_fragment)
         except OSError as exc:
-            sock.close()
-            self.failures += 1
             if exc.errno not in (errno.EADDRINUSE, errno.EACCES):
                 log.warning("cannot bind relay %s port %d: %s", ip, port, exc.strerror)
             return None
-        return sock
 
 
 def make_core(config: Config, listen: tuple = ()) -> TurnServer:
@@ -155,8 +132,8 @@ class Shell:
 
     # --- the slow path and the other tasks -----------------------------------------------
 
-    def udp_slow_path(self, data: bytes, addr, sock: socket.socket) -> None:
-        ft = FiveTuple("udp", addr, local_address(sock))
+    def udp_slow_path(self, server: tuple, data: bytes, addr, sock: socket.socket) -> None:
+        ft = FiveTuple("udp", addr, server)
         try:
             actions = self.core.handle_untrusted(data, ft, self.now())
         except Exception:  # a bug, not bad input: never let it stop the other clients
@@ -213,21 +190,21 @@ async def serve(config: Config, *, task_status=trio.TASK_STATUS_IGNORED) -> None
         for s in udp_socks + tcp_socks:
             s.close()
         raise
-    bound = tuple(local_address(s) for s in udp_socks + tcp_socks)
-    shell = Shell(config, make_core(config, bound))
+    udp_addrs = [local_address(s) for s in udp_socks]
+    tcp_addrs = [local_address(s) for s in tcp_socks]
+    shell = Shell(config, make_core(config, tuple(udp_addrs + tcp_addrs)))
     listeners = [trio.SocketListener(trio.socket.from_stdlib_socket(s)) for s in tcp_socks]
     try:
         async with trio.open_nursery() as nursery:
             shell.nursery = nursery
-            for sock in udp_socks:
-                clients = shell.udp_clients.setdefault(local_address(sock), {})
+            for sock, server in zip(udp_socks, udp_addrs):
+                clients = shell.udp_clients.setdefault(server, {})
                 nursery.start_soon(relay.listener_loop, sock, clients, shell.forwarder,
-                                   shell.udp_slow_path, shell.now,
+                                   functools.partial(shell.udp_slow_path, server), shell.now,
                                    (shell.core.config.channel_max >> 8) + 1)
             nursery.start_soon(trio.serve_listeners, shell.tcp_connection, listeners)
             nursery.start_soon(shell.sweeper)
-            running = Running(udp=[local_address(s) for s in udp_socks],
-                              tcp=[local_address(s) for s in tcp_socks],
+            running = Running(udp=udp_addrs, tcp=tcp_addrs,
                               core=shell.core, stats=shell.stats, tcp_stats=shell.tcp_stats)
             task_status.started(running)
     finally:

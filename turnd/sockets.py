@@ -1,4 +1,5 @@
-"""Opening listen sockets: separate IPv4 and IPv6 sockets, IPV6_V6ONLY, non-blocking."""
+"""Opening sockets: listen sockets and relay sockets, separate IPv4 and IPv6
+sockets (IPV6_V6ONLY), non-blocking."""
 
 from __future__ import annotations
 
@@ -8,6 +9,12 @@ import socket
 from .config import Endpoint
 
 SOCKET_BUFFER = 4 * 1024 * 1024
+RELAY_SOCKET_BUFFER = 1024 * 1024
+
+_IP_MTU_DISCOVER = getattr(socket, "IP_MTU_DISCOVER", 10)
+_IP_PMTUDISC_DO = getattr(socket, "IP_PMTUDISC_DO", 2)
+_IPV6_MTU_DISCOVER = getattr(socket, "IPV6_MTU_DISCOVER", 23)
+_IPV6_PMTUDISC_DO = getattr(socket, "IPV6_PMTUDISC_DO", 2)
 
 
 class StartupError(Exception):
@@ -28,34 +35,53 @@ def _describe(exc: OSError) -> str:
     return exc.strerror or str(exc)
 
 
-def _set_buffers(sock: socket.socket) -> None:
+def _set_buffers(sock: socket.socket, size: int) -> None:
     for opt in (socket.SO_RCVBUF, socket.SO_SNDBUF):
         try:
-            sock.setsockopt(socket.SOL_SOCKET, opt, SOCKET_BUFFER)
+            sock.setsockopt(socket.SOL_SOCKET, opt, size)
         except OSError:
             pass
 
 
-def open_socket(kind: str, host: str, port: int) -> socket.socket:
-    """A bound, non-blocking socket; kind is "udp" or "tcp" (listening)."""
+def _bound(kind: str, host: str, port: int, *, dont_fragment: bool = False) -> socket.socket:
+    """A bound, non-blocking socket; kind is "udp", "relay" (UDP) or "tcp" (listening).
+    Raises OSError."""
     fam = _family(host)
-    sock = socket.socket(fam, socket.SOCK_DGRAM if kind == "udp" else socket.SOCK_STREAM)
+    sock = socket.socket(fam, socket.SOCK_STREAM if kind == "tcp" else socket.SOCK_DGRAM)
     try:
         if fam == socket.AF_INET6:
             sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
         if kind == "tcp":
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         else:
-            _set_buffers(sock)
+            _set_buffers(sock, SOCKET_BUFFER if kind == "udp" else RELAY_SOCKET_BUFFER)
+        if dont_fragment:
+            if fam == socket.AF_INET:
+                sock.setsockopt(socket.IPPROTO_IP, _IP_MTU_DISCOVER, _IP_PMTUDISC_DO)
+            else:
+                sock.setsockopt(socket.IPPROTO_IPV6, _IPV6_MTU_DISCOVER, _IPV6_PMTUDISC_DO)
         sock.bind((host, port))
         if kind == "tcp":
             sock.listen(512)
         sock.setblocking(False)
-    except OSError as exc:
+    except OSError:
         sock.close()
-        ep = Endpoint(host, port)
-        raise StartupError(f"cannot listen on {kind} {ep}: {_describe(exc)}") from None
+        raise
     return sock
+
+
+def open_socket(kind: str, host: str, port: int) -> socket.socket:
+    """A bound, non-blocking listen socket; kind is "udp" or "tcp"."""
+    try:
+        return _bound(kind, host, port)
+    except OSError as exc:
+        raise StartupError(f"cannot listen on {kind} {Endpoint(host, port)}: {_describe(exc)}") from None
+
+
+def open_relay_socket(host: str, port: int, dont_fragment: bool) -> socket.socket:
+    """A bound, non-blocking UDP relay socket (DONT-FRAGMENT: IP_MTU_DISCOVER=DO).
+    Raises OSError (EADDRINUSE when another program has the port)."""
+    return _bound("relay", host, port, dont_fragment=dont_fragment)
 
 
 def local_address(sock: socket.socket) -> tuple[str, int]:
