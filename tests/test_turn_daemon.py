@@ -239,3 +239,22 @@ async def test_a_bug_in_the_core_drops_one_request_not_the_daemon(running):
         running.core.handle_untrusted = real
         assert await turn.allocate()
     assert len(calls) == 1
+
+
+async def test_expired_allocation_forwards_nothing_before_the_sweep(nursery, jumping_clock, monkeypatch):
+    """The hot path checks allocation expiry itself: ChannelData and Send indications
+    stop the moment the allocation expires, not at the next sweep."""
+    import turnd.server
+    monkeypatch.setattr(turnd.server, "SWEEP_INTERVAL", 10**6)  # no sweep during the test
+    with trio.fail_after(5000):  # virtual seconds
+        running = await nursery.start(serve, turn_config())
+        peer = await udp_client("127.0.0.1")
+        turn = await UdpTurn.connect(running.udp[0])
+        await turn.allocate()  # 600 s
+        await trio.sleep(400)
+        await turn.bind(0x4000, peer.getsockname())  # channel until 1000 s, permission 700 s
+        await trio.sleep(250)  # the allocation expired at 600 s; nothing has swept it
+        assert running.core.allocations  # still there, unswept
+        await turn.sock.sendto(channel_data(0x4000, b"stale"), running.udp[0])
+        await turn.sock.sendto(send_indication(turn.client, peer.getsockname(), b"stale"), running.udp[0])
+        assert await recv_or_none(peer, timeout=1) is None

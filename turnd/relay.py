@@ -198,7 +198,7 @@ async def listener_loop(sock: socket.socket, clients: dict, forwarder: Forwarder
             first = buf[0] if n else 0xFF
             if 0x40 <= first < channel_end:  # ChannelData
                 alloc = clients.get(addr)
-                if alloc is None or n < 4:
+                if alloc is None or n < 4 or alloc.expires < now:
                     stats.dropped_no_allocation += 1
                     continue
                 length = (buf[2] << 8) | buf[3]
