@@ -8,7 +8,7 @@ from turnd.auth import AnyOf, RestSecrets, StaticUsers
 from turnd.stun import Message
 from turnd.stun import constants as c
 from turnd.turn.policy import PeerPolicy
-from turnd.turn.protocol import FiveTuple, ProtocolConfig, Reply, TurnServer
+from turnd.turn.protocol import BindFailed, FiveTuple, PortBusy, ProtocolConfig, Reply, TurnServer
 
 from .turn_client import TurnClient
 
@@ -25,16 +25,29 @@ class FakeSocket:
 
 
 class FakeBinder:
+    """Binds like the kernel would: a port that is still open (or that another program
+    has, ``refuse``) is busy; ``fail`` makes every bind fail as EMFILE would."""
+
     def __init__(self):
         self.refuse: set[int] = set()
+        self.fail = False
         self.bound: list[FakeSocket] = []
+        self.open: set[tuple] = set()
 
     def bind(self, ip, port, dont_fragment):
-        if port in self.refuse:
-            return None
+        if self.fail:
+            raise BindFailed()
+        if port in self.refuse or (ip, port) in self.open:
+            raise PortBusy()
         sock = FakeSocket(ip, port)
         self.bound.append(sock)
+        self.open.add(sock.address)
         return sock
+
+    def unbind(self, sock):
+        assert not sock.closed, "closed twice"
+        sock.closed = True
+        self.open.discard(sock.address)
 
 
 class Harness:

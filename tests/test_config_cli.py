@@ -175,7 +175,7 @@ def test_full_config_parses(tmp_path):
     ('[relay]\nexternal = { "127.0.0.1" = "::1" }\n', "config error: relay.external.127.0.0.1: internal and public address must be of one family"),
     ('[relay]\nexternal = { "10.9.9.9" = "1.2.3.4" }\n', "config error: relay.external.10.9.9.9: is neither a listen nor a relay address"),
     ('[auth]\nusers = { alice = 5 }\n', "config error: auth.users.alice: must be a password string, not an integer"),
-    ('[auth]\nusers = { alice = "0xabc" }\n', 'config error: auth.users.alice: a key must be "0x" + 32 hex digits (MD5 of user:realm:password)'),
+    ('[auth]\nusers = { alice = "0xabc" }\n', 'config error: auth.users.alice: a key must be "0x" + 32 hex digits (MD5 of user:realm:password) or 64 (SHA-256)'),
     ('[auth]\nsecrets = "s"\n', "config error: auth.secrets: must be a list, not a string"),
     ('[auth]\nnonce_lifetime = 5\n', "config error: auth.nonce_lifetime: 5: must be 30-86400"),
     ('[peers]\nallow = ["10.0.0.0/33"]\n', 'config error: peers.allow[0]: "10.0.0.0/33": not a CIDR like "10.0.0.0/8"'),

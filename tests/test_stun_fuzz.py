@@ -1,21 +1,27 @@
 """Hypothesis: every attribute round-trips; any bytes give a message or StunDecodeError."""
 
 import ipaddress
+import socket
 import struct
 
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from turnd.stun import Message, StunDecodeError, decode_untrusted, encode, verify_integrity
 from turnd.stun import constants as c
-from turnd.stun.attributes import CODECS, AddressErrorCode, ErrorCode, Icmp, PasswordAlgorithm
+from turnd.stun.attributes import (CODECS, AddressErrorCode, ErrorCode, Icmp, PasswordAlgorithm,
+                                   format_ipv6)
 
 from .vectors import (RFC5769_IPV4_RESPONSE, RFC5769_IPV6_RESPONSE, RFC5769_LONG_TERM,
                       RFC5769_REQUEST, RFC8489_B1_CORRECTED)
 
 ports = st.integers(0, 65535)
 ipv4 = st.builds(lambda n: str(ipaddress.IPv4Address(n)), st.integers(0, 2**32 - 1))
-ipv6 = st.builds(lambda n: str(ipaddress.IPv6Address(n)), st.integers(0, 2**128 - 1))
+# The codec writes IPv6 text as inet_ntop does (as recvfrom reports sources).
+ipv6 = st.builds(lambda n: socket.inet_ntop(socket.AF_INET6, n.to_bytes(16, "big")),
+                 st.integers(0, 2**128 - 1) | st.integers(0, 2**48 - 1)
+                 | st.integers(0, 2**32 - 1).map(lambda n: n | 0xFFFF00000000))
 addresses = st.tuples(ipv4 | ipv6, ports)
 short_text = st.text(max_size=40)  # 127 chars x 4 bytes < 763: always valid
 reason = short_text
@@ -145,7 +151,31 @@ def test_short_attribute_lengths_are_decode_errors():
             raise AssertionError((attr, length))
     # header length larger than the datagram
     data = struct.pack("!HHI", 0x0001, 40, c.MAGIC_COOKIE) + tid
-    try:
+    with pytest.raises(StunDecodeError) as raised:
         decode_untrusted(data)
-    except StunDecodeError as exc:
-        assert not exc.is_stun
+    assert not raised.value.is_stun
+
+
+@settings(max_examples=1000)
+@given(st.integers(0, 2**128 - 1) | st.integers(0, 2**48 - 1)
+       | st.integers(0, 2**32 - 1).map(lambda n: n | 0xFFFF00000000)
+       | st.lists(st.sampled_from([0, 0, 0, 1, 0xFFFF, 0xABC]), min_size=8, max_size=8).map(
+           lambda ws: int.from_bytes(struct.pack("!8H", *ws), "big")))
+def test_ipv6_text_is_exactly_inet_ntop(n):
+    """Peers from STUN attributes and sources from recvfrom are compared as text: the
+    codec must write IPv6 exactly as the C library does (mapped and compatible forms too)."""
+    raw = n.to_bytes(16, "big")
+    assert format_ipv6(raw) == socket.inet_ntop(socket.AF_INET6, raw)
+
+
+def test_too_many_attributes_is_a_400_after_bounded_work():
+    tid = b"\x03" * 12
+    body = struct.pack("!HH", c.PRIORITY, 4) + b"\0\0\0\1"
+    for n, ok in ((c.MAX_ATTRIBUTES, True), (c.MAX_ATTRIBUTES + 1, False)):
+        data = struct.pack("!HHI", 0x0001, 8 * n, c.MAGIC_COOKIE) + tid + body * n
+        if ok:
+            assert len(decode_untrusted(data).attributes) == n
+        else:
+            with pytest.raises(StunDecodeError) as raised:
+                decode_untrusted(data)
+            assert raised.value.is_stun  # a request: answered with 400

@@ -63,7 +63,7 @@ def test_wrong_password_and_unknown_user_get_401(h):
 
 def test_stale_nonce_gets_438_then_works(h):
     client, ft = alice(), h.five_tuple()
-    assert h.allocate(client, ft).cls == c.SUCCESS
+    assert h.allocate(client, ft, [(c.REQUESTED_TRANSPORT, 17), (c.LIFETIME, 1200)]).cls == c.SUCCESS
     h.now += 601
     msg, data = client.request(c.REFRESH, [(c.LIFETIME, 600)])
     resp = client.learn(h.replies(h.send(data, ft))[0])
@@ -96,7 +96,15 @@ def test_another_user_on_the_5_tuple_gets_441(h):
     bob = TurnClient("bob", "bobpw")
     assert error_code(h.call(bob, ft, c.REFRESH, [(c.LIFETIME, 600)])) == 441
     assert error_code(h.call(bob, ft, c.CREATE_PERMISSION, [(c.XOR_PEER_ADDRESS, PEER)])) == 441
-    assert error_code(h.allocate(bob, ft)) == 441
+
+
+def test_allocate_on_a_5_tuple_in_use_gets_437_whoever_asks(h):
+    """RFC 8656 §7.2 step 2: 437, not 441 (441 is for the other requests, §5); browsers
+    move to a new socket after 437."""
+    ft = h.five_tuple()
+    h.allocate(alice(), ft)
+    assert error_code(h.allocate(TurnClient("bob", "bobpw"), ft)) == 437
+    assert error_code(h.allocate(alice(), ft)) == 437
 
 
 def test_requested_transport_checks(h):

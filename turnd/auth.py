@@ -16,48 +16,74 @@ from .stun import constants as c
 from .stun.integrity import long_term_key, userhash
 
 
+ALGORITHMS = (c.ALGORITHM_MD5, c.ALGORITHM_SHA256)
+
+
 class Credentials(Protocol):
     supports_userhash: bool  # can a USERHASH be mapped back to a user name?
+    algorithms: tuple[int, ...]  # password algorithms every user of this back-end can use
 
     def keys_for(self, username: str, realm: str, algorithm: int, now: float) -> list[bytes]: ...
 
     def username_for_userhash(self, digest: bytes, realm: str) -> str | None: ...
 
 
-def parse_hex_key(value: str) -> bytes | None:
-    """ "0x" + 32 hex digits: a precomputed MD5(user:realm:password) key."""
-    if value.startswith("0x") and len(value) == 34:
+def parse_hex_key(value: str) -> tuple[int, bytes] | None:
+    """A precomputed long-term key: "0x" + 32 hex digits is MD5(user:realm:password),
+    "0x" + 64 hex digits SHA-256(user:realm:password).  (algorithm, key) or None."""
+    if value.startswith("0x") and len(value) in (34, 66):
         try:
-            return bytes.fromhex(value[2:])
+            key = bytes.fromhex(value[2:])
         except ValueError:
             return None
+        return (c.ALGORITHM_MD5 if len(key) == 16 else c.ALGORITHM_SHA256), key
     return None
 
 
+def algorithms_of(secret: str | tuple[str, ...]) -> set[int]:
+    """The password algorithms a user's configured secret gives keys for."""
+    values = (secret,) if isinstance(secret, str) else secret
+    out: set[int] = set()
+    for value in values:
+        parsed = parse_hex_key(value)
+        out |= {parsed[0]} if parsed is not None else set(ALGORITHMS)
+    return out
+
+
+def offered_algorithms(users: dict) -> tuple[int, ...]:
+    """Offer an algorithm only when every user has a key for it (RFC 8489 §9.2.4: the
+    client picks from what the 401 offers, before the server knows who it is)."""
+    common = set(ALGORITHMS)
+    for secret in users.values():
+        common &= algorithms_of(secret)
+    return tuple(a for a in ALGORITHMS if a in common)
+
+
 class StaticUsers:
-    """``[auth] users``: user -> password, or user -> "0x" + hex MD5 key."""
+    """``[auth] users``: user -> password, or user -> precomputed keys ("0x" + hex MD5
+    and/or SHA-256 key, one string or a list of both)."""
 
     supports_userhash = True
 
-    def __init__(self, users: dict[str, str], realm: str):
-        self._md5: dict[str, bytes] = {}
-        self._sha256: dict[str, bytes] = {}
+    def __init__(self, users: dict[str, str | tuple[str, ...]], realm: str):
+        self._keys = {c.ALGORITHM_MD5: {}, c.ALGORITHM_SHA256: {}}
         self._by_hash: dict[bytes, str] = {}
         for user, secret in users.items():
-            key = parse_hex_key(secret)
-            if key is not None:
-                self._md5[user] = key  # no password: SHA-256 keys can't be derived
-            else:
-                self._md5[user] = long_term_key(user, realm, secret, c.ALGORITHM_MD5)
-                self._sha256[user] = long_term_key(user, realm, secret, c.ALGORITHM_SHA256)
+            for value in ((secret,) if isinstance(secret, str) else secret):
+                parsed = parse_hex_key(value)
+                if parsed is not None:
+                    self._keys[parsed[0]][user] = parsed[1]
+                else:
+                    for alg in ALGORITHMS:
+                        self._keys[alg][user] = long_term_key(user, realm, value, alg)
             self._by_hash[userhash(user, realm)] = user
+        self.algorithms = offered_algorithms(users)
         self.realm = realm
 
     def keys_for(self, username: str, realm: str, algorithm: int, now: float) -> list[bytes]:
         if realm != self.realm:
             return []
-        table = self._sha256 if algorithm == c.ALGORITHM_SHA256 else self._md5
-        key = table.get(username)
+        key = self._keys.get(algorithm, {}).get(username)
         return [key] if key is not None else []
 
     def username_for_userhash(self, digest: bytes, realm: str) -> str | None:
@@ -78,6 +104,7 @@ class RestSecrets:
     """
 
     supports_userhash = False  # the user name is derived per request: no table to look up
+    algorithms = ALGORITHMS
 
     def __init__(self, secrets: Iterable[str]):
         self.secrets = list(secrets)
@@ -104,6 +131,7 @@ class AnyOf:
     def __init__(self, *backends: Credentials):
         self.backends = backends
         self.supports_userhash = any(b.supports_userhash for b in backends)
+        self.algorithms = tuple(a for a in ALGORITHMS if all(a in b.algorithms for b in backends))
 
     def keys_for(self, username: str, realm: str, algorithm: int, now: float) -> list[bytes]:
         return [k for b in self.backends for k in b.keys_for(username, realm, algorithm, now)]

@@ -12,6 +12,9 @@ from typing import Any
 
 import attrs
 
+from .auth import offered_algorithms, parse_hex_key
+from .stun.integrity import saslprep
+
 
 class ConfigError(Exception):
     def __init__(self, key: str, message: str):
@@ -41,7 +44,8 @@ class ServerConfig:
 
 @attrs.frozen
 class AuthConfig:
-    users: tuple[tuple[str, str], ...] = ()   # (user, password or "0x"+hex MD5 key)
+    # (user, password) or (user, ("0x" + hex MD5 and/or SHA-256 key, ...))
+    users: tuple[tuple[str, str | tuple[str, ...]], ...] = ()
     secrets: tuple[str, ...] = ()             # TURN REST API shared secrets
     nonce_lifetime: int = 600
 
@@ -66,6 +70,12 @@ class LimitsConfig:
     user_quota: int = 0
     total_quota: int = 0
     max_lifetime: int = 3600
+    permissions_per_allocation: int = 64
+    max_attributes: int = 64
+    tcp_connections: int = 4096
+    tcp_connections_per_ip: int = 256
+    tcp_first_message_timeout: int = 10
+    tcp_idle_timeout: int = 300
 
 
 @attrs.frozen
@@ -203,6 +213,32 @@ def _str_list(section: _Section, k: str) -> list:
     return items
 
 
+def _user_secret(secret: Any, key: str) -> str | tuple[str, ...]:
+    """A password, one precomputed key, or a list of precomputed keys (MD5 and SHA-256)."""
+    if isinstance(secret, list):
+        if not 1 <= len(secret) <= 2 or not all(isinstance(k, str) for k in secret):
+            raise ConfigError(key, 'a list holds one or two keys: ["0x<MD5>", "0x<SHA-256>"]')
+        parsed = [parse_hex_key(k) for k in secret]
+        if None in parsed or len({p[0] for p in parsed}) != len(parsed):
+            raise ConfigError(key, 'a list holds keys only, at most one of each algorithm: '
+                              '"0x" + 32 hex digits (MD5), "0x" + 64 (SHA-256)')
+        return tuple(secret)
+    if not isinstance(secret, str):
+        raise ConfigError(key, f"must be a password string, not {_tname(secret)}")
+    if secret.startswith("0x"):
+        if parse_hex_key(secret) is None:
+            raise ConfigError(key, 'a key must be "0x" + 32 hex digits (MD5 of user:realm:password) '
+                              'or 64 (SHA-256)')
+        return secret
+    try:
+        saslprep(secret)
+    except ValueError as exc:
+        raise ConfigError(key, f"password not allowed: {exc}") from None
+    if not secret:
+        raise ConfigError(key, "password must not be empty")
+    return secret
+
+
 def _parse_auth(raw: Any) -> AuthConfig:
     s = _Section(raw, "auth")
     s.check_unknown({"users", "secrets", "nonce_lifetime"})
@@ -210,23 +246,12 @@ def _parse_auth(raw: Any) -> AuthConfig:
     parsed = []
     for user, secret in users.items():
         key = f"auth.users.{user}"
-        if not isinstance(secret, str):
-            raise ConfigError(key, f"must be a password string, not {_tname(secret)}")
         if not user or len(user.encode()) > 512 or any(ord(ch) < 0x20 for ch in user):
             raise ConfigError(key, "user names must be 1-512 bytes without control characters")
-        if secret.startswith("0x"):
-            from .auth import parse_hex_key
-            if parse_hex_key(secret) is None:
-                raise ConfigError(key, 'a key must be "0x" + 32 hex digits (MD5 of user:realm:password)')
-        else:
-            from .stun.integrity import saslprep
-            try:
-                saslprep(secret)
-            except ValueError as exc:
-                raise ConfigError(key, f"password not allowed: {exc}") from None
-            if not secret:
-                raise ConfigError(key, "password must not be empty")
-        parsed.append((user, secret))
+        parsed.append((user, _user_secret(secret, key)))
+    if not offered_algorithms(dict(parsed)):
+        raise ConfigError("auth.users", "no password algorithm is shared by every user: give "
+                          "each user an MD5 key (or a password)")
     secrets = _str_list(s, "secrets")
     for i, secret in enumerate(secrets):
         if not secret:
@@ -285,10 +310,20 @@ def _parse_peers(raw: Any) -> PeersConfig:
 
 def _parse_limits(raw: Any) -> LimitsConfig:
     s = _Section(raw, "limits")
-    s.check_unknown({"user_quota", "total_quota", "max_lifetime"})
-    return LimitsConfig(user_quota=_int(s, "user_quota", 0, 0, 10**6),
-                        total_quota=_int(s, "total_quota", 0, 0, 10**6),
-                        max_lifetime=_int(s, "max_lifetime", 3600, 60, 3600))
+    d = LimitsConfig()
+    s.check_unknown({f.name for f in attrs.fields(LimitsConfig)})
+    return LimitsConfig(
+        user_quota=_int(s, "user_quota", 0, 0, 10**6),
+        total_quota=_int(s, "total_quota", 0, 0, 10**6),
+        max_lifetime=_int(s, "max_lifetime", 3600, 60, 3600),
+        permissions_per_allocation=_int(s, "permissions_per_allocation",
+                                        d.permissions_per_allocation, 1, 10000),
+        max_attributes=_int(s, "max_attributes", d.max_attributes, 16, 4096),
+        tcp_connections=_int(s, "tcp_connections", d.tcp_connections, 1, 10**6),
+        tcp_connections_per_ip=_int(s, "tcp_connections_per_ip", d.tcp_connections_per_ip, 1, 10**6),
+        tcp_first_message_timeout=_int(s, "tcp_first_message_timeout",
+                                       d.tcp_first_message_timeout, 1, 300),
+        tcp_idle_timeout=_int(s, "tcp_idle_timeout", d.tcp_idle_timeout, 10, 86400))
 
 
 SECTIONS = {"server": _parse_server, "auth": _parse_auth, "relay": _parse_relay,

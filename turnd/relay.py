@@ -16,10 +16,16 @@ buffer drops and counts.
   path: a peer that is one of turnd's own relay addresses is delivered
   internally (relay-to-relay calls never depend on NAT hairpinning); any
   other port on turnd's own addresses is never reached.
+
+Every loop is guarded: an exception while handling one datagram (a bug, never
+bad input: the parsers here return None for anything they don't accept) drops
+that datagram, is counted and reported through ``on_error``, and the loop goes
+on serving everyone else.  ``try`` costs nothing in CPython 3.11 until it fires.
 """
 
 from __future__ import annotations
 
+import secrets
 import socket
 import struct
 
@@ -36,14 +42,16 @@ _COOKIE_BYTES = c.MAGIC_COOKIE_BYTES
 _DATA_INDICATION = 0x0017
 _TLV = struct.Struct("!HH")
 _DATA_HEADER = struct.Struct("!HHI12s")
-_FAST_SEND_ATTRS = frozenset({c.XOR_PEER_ADDRESS, c.DATA_ATTR, c.DONT_FRAGMENT, c.SOFTWARE})
 _PEER_CACHE_MAX = 1024
+_MAX_LENGTH = 0xFFFF  # a STUN message's length field is 16 bits
+_TID_BLOCK = 12 * 1024
 
 
 class RelayStats:
     __slots__ = ("packets_in", "packets_slow_path", "to_peer", "to_client", "internal",
                  "send_dropped", "recv_errors", "dropped_no_allocation", "dropped_no_channel",
-                 "dropped_no_permission", "dropped_own_address", "dropped_malformed")
+                 "dropped_no_permission", "dropped_own_address", "dropped_malformed",
+                 "dropped_too_big", "internal_errors")
 
     def __init__(self) -> None:
         for name in self.__slots__:
@@ -61,17 +69,51 @@ def send_or_drop(sock: socket.socket, data, addr, stats: RelayStats) -> None:
         stats.send_dropped += 1
 
 
-def data_indication_header(alloc, peer: tuple, n: int) -> bytes:
-    """The bytes of a Data indication up to its payload (DATA's TLV header included)."""
+class _Tids:
+    """Transaction IDs for Data indications: 96 cryptographically random bits each
+    (RFC 8489 §5), cut from a block of os.urandom so a packet costs a slice, not a
+    system call."""
+
+    __slots__ = ("block", "pos")
+
+    def __init__(self) -> None:
+        self.block, self.pos = b"", _TID_BLOCK
+
+    def next(self) -> bytes:
+        pos = self.pos
+        if pos >= _TID_BLOCK:
+            self.block, pos = secrets.token_bytes(_TID_BLOCK), 0
+        self.pos = pos + 12
+        return self.block[pos:pos + 12]
+
+
+_tids = _Tids()
+
+
+def _peer_attr(alloc, peer: tuple, tid: bytes) -> bytes:
+    """The XOR-PEER-ADDRESS TLV of ``peer`` for transaction ``tid``; IPv4 ones (which
+    do not depend on the transaction ID) are cached per allocation."""
     attr = alloc.peer_attr_cache.get(peer)
-    if attr is None:
-        value = encode_value(c.XOR_PEER_ADDRESS, peer, alloc.indication_tid)
-        attr = _TLV.pack(c.XOR_PEER_ADDRESS, len(value)) + value
+    if attr is not None:
+        return attr
+    value = encode_value(c.XOR_PEER_ADDRESS, peer, tid)
+    attr = _TLV.pack(c.XOR_PEER_ADDRESS, len(value)) + value
+    if len(value) == 8:
         if len(alloc.peer_attr_cache) >= _PEER_CACHE_MAX:
             alloc.peer_attr_cache.clear()
         alloc.peer_attr_cache[peer] = attr
+    return attr
+
+
+def data_indication_header(alloc, peer: tuple, n: int) -> bytes | None:
+    """The bytes of a Data indication up to its payload (DATA's TLV header included), or
+    None when a payload of ``n`` bytes does not fit in one (its length is 16 bits)."""
+    tid = _tids.next()
+    attr = _peer_attr(alloc, peer, tid)
     length = len(attr) + 4 + n + (-n % 4)
-    return (_DATA_HEADER.pack(_DATA_INDICATION, length, c.MAGIC_COOKIE, alloc.indication_tid)
+    if length > _MAX_LENGTH:
+        return None
+    return (_DATA_HEADER.pack(_DATA_INDICATION, length, c.MAGIC_COOKIE, tid)
             + attr + _TLV.pack(c.DATA_ATTR, n))
 
 
@@ -121,7 +163,11 @@ class Forwarder:
         if ch is not None and ch.expires >= now:
             frame = bytes((ch.number >> 8, ch.number & 0xFF, n >> 8, n & 0xFF)) + payload
         else:
-            frame = data_indication_header(alloc, src, n) + payload + ZEROS[:-n % 4]
+            header = data_indication_header(alloc, src, n)
+            if header is None:
+                self.stats.dropped_too_big += 1
+                return
+            frame = header + payload + ZEROS[:-n % 4]
         sock, addr = alloc.client_handle
         try:
             sock.sendto(frame, addr)
@@ -130,8 +176,9 @@ class Forwarder:
             self.stats.send_dropped += 1
 
 
-def _peer_from_xor(value, tid: bytes) -> tuple | None:
-    """XOR-PEER-ADDRESS value -> (ip, port), or None when malformed."""
+def peer_from_xor_untrusted(value, tid: bytes) -> tuple | None:
+    """XOR-PEER-ADDRESS value -> (ip, port), or None where the codec would refuse it.
+    The text of the IP is inet_ntop's, as the codec's (``format_ipv6``) and recvfrom's."""
     if len(value) == 8 and value[1] == 1:
         raw = (int.from_bytes(value[4:8], "big") ^ c.MAGIC_COOKIE).to_bytes(4, "big")
         return socket.inet_ntop(socket.AF_INET, raw), ((value[2] << 8) | value[3]) ^ 0x2112
@@ -142,36 +189,50 @@ def _peer_from_xor(value, tid: bytes) -> tuple | None:
     return None
 
 
-def _fast_send_indication(view, n: int):
-    """(peer, start, end) of a plain Send indication, or None for the slow path."""
+def send_indication_untrusted(view, n: int):
+    """(peer, start, end) of a plain Send indication, or None for the slow path.
+
+    Accepts only what the codec decodes to the same peer and data and the core would
+    relay: exactly one well-formed XOR-PEER-ADDRESS, exactly one DATA, at most one
+    empty DONT-FRAGMENT, and nothing else.  Any other message is the slow path's
+    to judge (tests/test_fast_path.py holds the two to agreement)."""
     if n < 20 or (view[2] << 8 | view[3]) + 20 != n or view[4:8] != _COOKIE_BYTES:
         return None
-    pos, peer, data = 20, None, None
+    pos, peer, data, dont_fragment = 20, None, None, False
     while pos + 4 <= n:
         attr_type = (view[pos] << 8) | view[pos + 1]
         length = (view[pos + 2] << 8) | view[pos + 3]
         end = pos + 4 + length
-        if end > n or attr_type not in _FAST_SEND_ATTRS:
+        if end > n:
             return None
         if attr_type == c.XOR_PEER_ADDRESS and peer is None:
-            peer = _peer_from_xor(view[pos + 4:end], bytes(view[8:20]))
+            peer = peer_from_xor_untrusted(view[pos + 4:end], bytes(view[8:20]))
             if peer is None:
                 return None
         elif attr_type == c.DATA_ATTR and data is None:
             data = (pos + 4, end)
+        elif attr_type == c.DONT_FRAGMENT and not length and not dont_fragment:
+            dont_fragment = True
+        else:
+            return None
         pos = end + (-length % 4)
     if pos != n or peer is None or data is None:
         return None
     return peer, data[0], data[1]
 
 
+def _ignore_error() -> None:
+    pass
+
+
 async def listener_loop(sock: socket.socket, clients: dict, forwarder: Forwarder, slow_path,
-                        now_fn, channel_end: int = 0x50) -> None:
+                        now_fn, channel_end: int = 0x50, on_error=_ignore_error) -> None:
     """Read client datagrams from a UDP listen socket.
 
     ``clients`` maps a client (ip, port) to its allocation on this socket;
     ``slow_path(data: bytes, addr, sock)`` handles everything else and must
     not block.  First bytes 0x40 up to ``channel_end`` are ChannelData.
+    ``on_error()`` is called (inside ``except``) when handling a datagram failed.
     """
     stats = forwarder.stats
     buf = bytearray(BUFFER_SIZE)
@@ -184,72 +245,77 @@ async def listener_loop(sock: socket.socket, clients: dict, forwarder: Forwarder
     while True:
         await wait_readable(sock)
         now = now_fn()
-        for _ in range(BATCH):
-            try:
-                n, addr = recvfrom_into(buf)
-            except BlockingIOError:
-                break
-            except OSError:  # e.g. ECONNREFUSED from an earlier ICMP error
-                stats.recv_errors += 1
-                continue
-            stats.packets_in += 1
-            if v6:
-                addr = addr[:2]
-            first = buf[0] if n else 0xFF
-            if 0x40 <= first < channel_end:  # ChannelData
-                alloc = clients.get(addr)
-                if alloc is None or n < 4 or alloc.expires < now:
-                    stats.dropped_no_allocation += 1
-                    continue
-                length = (buf[2] << 8) | buf[3]
-                if 4 + length > n:
-                    stats.dropped_malformed += 1
-                    continue
-                ch = alloc.channels.get((first << 8) | buf[1])
-                if ch is None or ch.expires < now:
-                    stats.dropped_no_channel += 1
-                    continue
-                peer = ch.peer
-                expiry = alloc.permissions.get(peer[0])
-                if expiry is None or expiry < now:
-                    stats.dropped_no_permission += 1
-                    continue
-                if ch.own:
-                    forwarder.to_peer(ch.relay, peer, view[4:4 + length], now)
-                    continue
+        try:
+            for _ in range(BATCH):
                 try:
-                    ch.relay.handle.sendto(view[4:4 + length], peer)
-                    stats.to_peer += 1
-                except OSError:
-                    stats.send_dropped += 1
-                continue
-            if first == 0 and buf[1] == 0x16:  # a Send indication
-                alloc = clients.get(addr)
-                found = _fast_send_indication(view, n) if alloc is not None else None
-                if found is not None:
-                    peer, start, end = found
-                    relay = alloc.relays.get(6 if ":" in peer[0] else 4)
+                    n, addr = recvfrom_into(buf)
+                except BlockingIOError:
+                    break
+                except OSError:  # e.g. ECONNREFUSED from an earlier ICMP error
+                    stats.recv_errors += 1
+                    continue
+                stats.packets_in += 1
+                if v6:
+                    addr = addr[:2]
+                first = buf[0] if n else 0xFF
+                if 0x40 <= first < channel_end:  # ChannelData
+                    alloc = clients.get(addr)
+                    if alloc is None or n < 4 or alloc.expires < now:
+                        stats.dropped_no_allocation += 1
+                        continue
+                    length = (buf[2] << 8) | buf[3]
+                    if 4 + length > n:
+                        stats.dropped_malformed += 1
+                        continue
+                    ch = alloc.channels.get((first << 8) | buf[1])
+                    if ch is None or ch.expires < now:
+                        stats.dropped_no_channel += 1
+                        continue
+                    peer = ch.peer
                     expiry = alloc.permissions.get(peer[0])
-                    if relay is None or expiry is None or expiry < now or alloc.expires < now:
+                    if expiry is None or expiry < now:
                         stats.dropped_no_permission += 1
                         continue
-                    if peer[0] in own_ips:
-                        forwarder.to_peer(relay, peer, view[start:end], now)
+                    if ch.own:
+                        forwarder.to_peer(ch.relay, peer, view[4:4 + length], now)
                         continue
                     try:
-                        relay.handle.sendto(view[start:end], peer)
+                        ch.relay.handle.sendto(view[4:4 + length], peer)
                         stats.to_peer += 1
                     except OSError:
                         stats.send_dropped += 1
                     continue
-            stats.packets_slow_path += 1
-            slow_path(bytes(view[:n]), addr, sock)
-        else:  # the batch cap was hit: let other tasks run before draining more
-            await checkpoint()
+                if first == 0 and buf[1] == 0x16:  # a Send indication
+                    alloc = clients.get(addr)
+                    found = send_indication_untrusted(view, n) if alloc is not None else None
+                    if found is not None:
+                        peer, start, end = found
+                        relay = alloc.relays.get(6 if ":" in peer[0] else 4)
+                        expiry = alloc.permissions.get(peer[0])
+                        if relay is None or expiry is None or expiry < now or alloc.expires < now:
+                            stats.dropped_no_permission += 1
+                            continue
+                        if peer[0] in own_ips:
+                            forwarder.to_peer(relay, peer, view[start:end], now)
+                            continue
+                        try:
+                            relay.handle.sendto(view[start:end], peer)
+                            stats.to_peer += 1
+                        except OSError:
+                            stats.send_dropped += 1
+                        continue
+                stats.packets_slow_path += 1
+                slow_path(bytes(view[:n]), addr, sock)
+            else:  # the batch cap was hit: let other tasks run before draining more
+                await checkpoint()
+        except Exception:  # a bug: that datagram is dropped, the others are served
+            stats.internal_errors += 1
+            on_error()
 
 
-async def relay_loop(relay, forwarder: Forwarder, now_fn) -> None:
-    """Read peer datagrams on one relay socket and send them to the client."""
+async def relay_loop(relay, forwarder: Forwarder, now_fn, on_error=_ignore_error) -> None:
+    """Read peer datagrams on one relay socket and send them to the client.
+    Returns when the socket is closed (the allocation ended)."""
     sock = relay.handle
     alloc = relay.alloc
     stats = forwarder.stats
@@ -263,48 +329,58 @@ async def relay_loop(relay, forwarder: Forwarder, now_fn) -> None:
     checkpoint = trio.lowlevel.checkpoint
     permissions = alloc.permissions
     peer_channels = alloc.peer_channels
-    while True:
-        await wait_readable(sock)
+    while sock.fileno() >= 0:  # the core closes it when the allocation ends
+        try:
+            await wait_readable(sock)
+        except trio.ClosedResourceError:
+            return
         now = now_fn()
         live = alloc.expires >= now  # an expired allocation drops until the sweep closes it
         client_sock, client_addr = alloc.client_handle
-        for _ in range(BATCH):
-            try:
-                n, addr = recvfrom_into(into)
-            except BlockingIOError:
-                break
-            except OSError:
-                stats.recv_errors += 1
-                continue
-            if v6:
-                addr = addr[:2]
-            ip = addr[0]
-            expiry = permissions.get(ip)
-            if expiry is None or expiry < now or ip in blocked or not live:
-                stats.dropped_no_permission += 1
-                continue
-            ch = peer_channels.get(addr)
-            if ch is not None and ch.expires >= now:
-                start = HEADROOM - 4
-                number = ch.number
-                buf[start] = number >> 8
-                buf[start + 1] = number & 0xFF
-                buf[start + 2] = n >> 8
-                buf[start + 3] = n & 0xFF
-                end = HEADROOM + n
-            else:
-                header = data_indication_header(alloc, addr, n)
-                start = HEADROOM - len(header)
-                buf[start:HEADROOM] = header
-                end = HEADROOM + n
-                pad = -n % 4
-                if pad:
-                    buf[end:end + pad] = ZEROS[:pad]
-                    end += pad
-            try:
-                client_sock.sendto(view[start:end], client_addr)
-                stats.to_client += 1
-            except OSError:
-                stats.send_dropped += 1
-        else:  # the batch cap was hit: let other tasks run before draining more
-            await checkpoint()
+        try:
+            for _ in range(BATCH):
+                try:
+                    n, addr = recvfrom_into(into)
+                except BlockingIOError:
+                    break
+                except OSError:
+                    stats.recv_errors += 1
+                    continue
+                if v6:
+                    addr = addr[:2]
+                ip = addr[0]
+                expiry = permissions.get(ip)
+                if expiry is None or expiry < now or ip in blocked or not live:
+                    stats.dropped_no_permission += 1
+                    continue
+                ch = peer_channels.get(addr)
+                if ch is not None and ch.expires >= now:
+                    start = HEADROOM - 4
+                    number = ch.number
+                    buf[start] = number >> 8
+                    buf[start + 1] = number & 0xFF
+                    buf[start + 2] = n >> 8
+                    buf[start + 3] = n & 0xFF
+                    end = HEADROOM + n
+                else:
+                    header = data_indication_header(alloc, addr, n)
+                    if header is None:
+                        stats.dropped_too_big += 1
+                        continue
+                    start = HEADROOM - len(header)
+                    buf[start:HEADROOM] = header
+                    end = HEADROOM + n
+                    pad = -n % 4
+                    if pad:
+                        buf[end:end + pad] = ZEROS[:pad]
+                        end += pad
+                try:
+                    client_sock.sendto(view[start:end], client_addr)
+                    stats.to_client += 1
+                except OSError:
+                    stats.send_dropped += 1
+            else:  # the batch cap was hit: let other tasks run before draining more
+                await checkpoint()
+        except Exception:  # a bug: that datagram is dropped, the others are served
+            stats.internal_errors += 1
+            on_error()

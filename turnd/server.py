@@ -1,12 +1,19 @@
 """The trio shell: opens sockets, starts the loops, carries out the core's
 actions, sweeps expiries, and stops everything on cancellation.  One place
-starts things (``serve``), one stops them (its nursery's cancel scope)."""
+starts things (``serve``), one stops them (its nursery's cancel scope).
+
+No client can stop or stall the daemon: every per-client task and loop is
+guarded (a bug drops that packet or connection, is counted and logged at
+most once a minute), and everything a client can make turnd hold is capped
+(``[limits]``; see README).
+"""
 
 from __future__ import annotations
 
 import errno
 import functools
 import logging
+import resource
 import secrets
 import signal
 import socket
@@ -22,13 +29,38 @@ from .sockets import local_address, open_relay_socket, open_socket
 from .stun.errors import StunDecodeError
 from .stun.framing import StreamFramer
 from .turn.policy import PeerPolicy
-from .turn.protocol import (AllocationCreated, AllocationDeleted, FiveTuple, ProtocolConfig,
-                            Reply, SendToPeer, TurnServer)
+from .turn.protocol import (AllocationCreated, AllocationDeleted, BindFailed, FiveTuple,
+                            PortBusy, ProtocolConfig, Reply, SendToPeer, TurnServer)
 
 log = logging.getLogger("turnd")
 
-TCP_IDLE_TIMEOUT = 300.0
-SWEEP_INTERVAL = 5.0  # frees ports and sockets; the hot path checks expiry itself
+SWEEP_INTERVAL = 1.0  # frees ports and sockets; the hot path checks expiry itself
+ACCEPT_BATCH = 64
+# accept() errors that mean "out of resources for now": wait a little, don't spin.
+_ACCEPT_CAPACITY_ERRNOS = {errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM}
+# bind() errors that mean the port is someone else's: try another port, retry this later.
+_PORT_BUSY_ERRNOS = {errno.EADDRINUSE, errno.EACCES}
+
+
+class RateLimitedLog:
+    """At most one line per kind of event per ``interval`` seconds, saying how many
+    were not logged meanwhile: a flood of bad input can't flood the log."""
+
+    def __init__(self, interval: float = 60.0):
+        self.interval = interval
+        self._last: dict[str, float] = {}
+        self._suppressed: dict[str, int] = {}
+
+    def __call__(self, kind: str, level: int, message: str, *args, exc_info: bool = False) -> None:
+        now = time.monotonic()
+        if now - self._last.get(kind, float("-inf")) < self.interval:
+            self._suppressed[kind] = self._suppressed.get(kind, 0) + 1
+            return
+        self._last[kind] = now
+        more = self._suppressed.pop(kind, 0)
+        if more:
+            message += f" ({more} more since the last such line)"
+        log.log(level, message, *args, exc_info=exc_info)
 
 
 @attrs.define
@@ -39,21 +71,34 @@ class Running:
     core: TurnServer
     stats: relay.RelayStats
     tcp_stats: dict[str, int]
+    shell: "Shell"
 
 
 class SocketBinder:
     """The core's RelayBinder seam: real non-blocking UDP sockets."""
 
+    def __init__(self, log_limited: RateLimitedLog):
+        self.log_limited = log_limited
+
     def bind(self, ip: str, port: int, dont_fragment: bool):
         try:
             return open_relay_socket(ip, port, dont_fragment)
         except OSError as exc:
-            if exc.errno not in (errno.EADDRINUSE, errno.EACCES):
-                log.warning("cannot bind relay %s port %d: %s", ip, port, exc.strerror)
-            return None
+            if exc.errno in _PORT_BUSY_ERRNOS:
+                raise PortBusy() from None
+            self.log_limited("bind", logging.WARNING, "cannot bind relay %s port %d: %s; "
+                             "the Allocate gets 508", ip, port, exc.strerror or exc)
+            raise BindFailed() from None
+
+    def unbind(self, sock: socket.socket) -> None:
+        try:
+            trio.lowlevel.notify_closing(sock)  # wakes its relay task with ClosedResourceError
+        except RuntimeError:  # not inside trio (a unit test of the core)
+            pass
+        sock.close()
 
 
-def make_core(config: Config, listen: tuple = ()) -> TurnServer:
+def make_core(config: Config, listen: tuple = (), binder=None) -> TurnServer:
     """The sans-I/O core for ``config``; ``listen``: the bound (ip, port) endpoints."""
     backends = []
     if config.auth.users:
@@ -69,30 +114,42 @@ def make_core(config: Config, listen: tuple = ()) -> TurnServer:
         port_range=config.relay.ports, default_family=config.relay.default_family,
         max_lifetime=limits.max_lifetime, nonce_lifetime=config.auth.nonce_lifetime,
         user_quota=limits.user_quota, total_quota=limits.total_quota,
-        channel_max=0x7FFF if config.relay.legacy_channel_numbers else 0x4FFF)
+        channel_max=0x7FFF if config.relay.legacy_channel_numbers else 0x4FFF,
+        max_attributes=limits.max_attributes,
+        permissions_per_allocation=limits.permissions_per_allocation)
     return TurnServer(pconfig, credentials=credentials,
                       policy=PeerPolicy(config.peers.allow, config.peers.deny),
-                      binder=SocketBinder(), nonce_secret=secrets.token_bytes(32))
+                      binder=binder, nonce_secret=secrets.token_bytes(32))
 
 
 class Shell:
-    def __init__(self, config: Config, core: TurnServer):
+    def __init__(self, config: Config, listen: tuple):
         self.config = config
-        self.core = core
+        self.log_limited = RateLimitedLog()
+        self.core = make_core(config, listen, SocketBinder(self.log_limited))
         self.stats = relay.RelayStats()
-        self.forwarder = relay.Forwarder(core, self.stats)
-        self.tcp_stats = {"connections": 0, "closed_not_stun": 0}
+        self.forwarder = relay.Forwarder(self.core, self.stats)
+        self.tcp_stats = {"connections": 0, "open": 0, "closed_not_stun": 0, "closed_idle": 0,
+                          "closed_reset": 0, "refused_per_ip": 0, "refused_total": 0,
+                          "accept_errors": 0}
+        self.tcp_per_ip: dict[str, int] = {}
         # UDP listen socket address -> {client (ip, port): allocation}
         self.udp_clients: dict[tuple, dict] = {}
         self.relay_scopes: dict[int, list[trio.CancelScope]] = {}
         self.nursery: trio.Nursery | None = None
         self.internal_errors = 0
-        self._last_error_log = float("-inf")
         # Wall-clock seconds, advanced by trio's clock (so autojump_clock drives expiry too).
         self._wall_offset = time.time() - trio.current_time()
 
     def now(self) -> float:
         return trio.current_time() + self._wall_offset
+
+    def internal_error(self) -> None:
+        """Call inside ``except``: a bug hit one packet or connection; count and log it."""
+        self.internal_errors += 1
+        self.log_limited("internal", logging.ERROR,
+                         "internal error (%d so far); that packet or connection was dropped",
+                         self.internal_errors, exc_info=True)
 
     # --- carrying out the core's actions ---------------------------------------------
 
@@ -119,6 +176,7 @@ class Shell:
                   [r.address for r in alloc.relays.values()])
 
     def _stop_relaying(self, alloc) -> None:
+        # The core has closed the relay sockets already (binder.unbind).
         self.udp_clients.get(alloc.five_tuple.server, {}).pop(alloc.five_tuple.client, None)
         for scope in self.relay_scopes.pop(id(alloc), ()):
             scope.cancel()
@@ -126,7 +184,9 @@ class Shell:
     async def _relay_task(self, r, scope: trio.CancelScope) -> None:
         try:
             with scope:
-                await relay.relay_loop(r, self.forwarder, self.now)
+                await relay.relay_loop(r, self.forwarder, self.now, self.internal_error)
+        except Exception:  # never reaches the nursery: that relay stops, the rest go on
+            self.internal_error()
         finally:
             r.handle.close()
 
@@ -136,45 +196,119 @@ class Shell:
         ft = FiveTuple("udp", addr, server)
         try:
             actions = self.core.handle_untrusted(data, ft, self.now())
+            self.execute(actions, sock, addr)
         except Exception:  # a bug, not bad input: never let it stop the other clients
-            self._internal_error()
-            return
-        self.execute(actions, sock, addr)
-
-    def _internal_error(self) -> None:
-        self.internal_errors += 1
-        now = trio.current_time()
-        if now - self._last_error_log >= 60:
-            self._last_error_log = now
-            log.exception("internal error handling a request (%d so far); request dropped",
-                          self.internal_errors)
+            self.internal_error()
 
     async def sweeper(self) -> None:
         while True:
             await trio.sleep(SWEEP_INTERVAL)
-            self.execute(self.core.expire(self.now()), None, None)
+            while True:
+                try:
+                    self.execute(self.core.expire(self.now()), None, None)
+                except Exception:
+                    self.internal_error()
+                    break
+                if not self.core.sweep_pending:
+                    break
+                await trio.lowlevel.checkpoint()  # bounded work, then let the relay run
 
-    async def tcp_connection(self, stream: trio.SocketStream) -> None:
+    # --- TCP -----------------------------------------------------------------------------
+
+    async def accept_loop(self, lsock: socket.socket, nursery: trio.Nursery) -> None:
+        """Accept connections on a listening TCP socket, within the connection caps."""
+        while True:
+            await trio.lowlevel.wait_readable(lsock)
+            for _ in range(ACCEPT_BATCH):
+                try:
+                    conn, addr = lsock.accept()
+                except BlockingIOError:
+                    break
+                except OSError as exc:
+                    if exc.errno in _ACCEPT_CAPACITY_ERRNOS:
+                        self.tcp_stats["accept_errors"] += 1
+                        self.log_limited("accept", logging.WARNING,
+                                         "cannot accept TCP connections: %s", exc.strerror)
+                        await trio.sleep(0.1)
+                        break
+                    continue  # ECONNABORTED and the like: that connection is gone already
+                self._admit(conn, addr, nursery)
+            else:
+                await trio.lowlevel.checkpoint()
+
+    def _admit(self, conn: socket.socket, addr, nursery: trio.Nursery) -> None:
+        limits = self.config.limits
+        ip = addr[0]
+        if self.tcp_stats["open"] >= limits.tcp_connections:
+            self.tcp_stats["refused_total"] += 1
+            conn.close()
+            return
+        if self.tcp_per_ip.get(ip, 0) >= limits.tcp_connections_per_ip:
+            self.tcp_stats["refused_per_ip"] += 1
+            conn.close()
+            return
         self.tcp_stats["connections"] += 1
-        peer = stream.socket.getpeername()
-        ft = FiveTuple("tcp", (peer[0], peer[1]), local_address(stream.socket))
-        framer = StreamFramer()
+        self.tcp_stats["open"] += 1
+        self.tcp_per_ip[ip] = self.tcp_per_ip.get(ip, 0) + 1
+        conn.setblocking(False)
+        nursery.start_soon(self.tcp_connection, conn, (addr[0], addr[1]))
+
+    async def tcp_connection(self, conn: socket.socket, client: tuple) -> None:
         try:
-            async with stream:
-                while True:
-                    with trio.move_on_after(TCP_IDLE_TIMEOUT) as idle:
-                        data = await stream.receive_some(65536)
-                    if idle.cancelled_caught or not data:
-                        return
+            await self._serve_stream(conn, client)
+        except (OSError, trio.BrokenResourceError, trio.ClosedResourceError):
+            self.tcp_stats["closed_reset"] += 1  # the client went away: nothing to report
+        except Exception:
+            self.internal_error()
+        finally:
+            conn.close()
+            self.tcp_stats["open"] -= 1
+            n = self.tcp_per_ip[client[0]] - 1
+            if n:
+                self.tcp_per_ip[client[0]] = n
+            else:
+                del self.tcp_per_ip[client[0]]
+
+    async def _serve_stream(self, conn: socket.socket, client: tuple) -> None:
+        """One TCP connection: framed STUN in, replies out.  It must complete its first
+        message within ``tcp_first_message_timeout`` and then a message at least every
+        ``tcp_idle_timeout`` seconds (bytes alone don't count: no slowloris); replies are
+        written under the same deadline; at most one largest frame is buffered."""
+        limits = self.config.limits
+        stream = trio.SocketStream(trio.socket.from_stdlib_socket(conn))
+        ft = FiveTuple("tcp", client, local_address(conn))
+        framer = StreamFramer()
+        with trio.CancelScope(deadline=trio.current_time() + limits.tcp_first_message_timeout) as idle:
+            while True:
+                data = await stream.receive_some(framer.room)
+                if not data:
+                    return
+                try:
                     framer.feed(data)
                     while (frame := framer.next_frame_untrusted()) is not None:
+                        idle.deadline = trio.current_time() + limits.tcp_idle_timeout
                         for action in self.core.handle_untrusted(frame, ft, self.now()):
                             if isinstance(action, Reply):
                                 await stream.send_all(action.data)
-        except StunDecodeError:
-            self.tcp_stats["closed_not_stun"] += 1
-        except trio.BrokenResourceError:
+                            else:
+                                self.execute([action], None, None)
+                except StunDecodeError:
+                    self.tcp_stats["closed_not_stun"] += 1
+                    return
+        if idle.cancelled_caught:
+            self.tcp_stats["closed_idle"] += 1
+
+
+def raise_file_limit() -> int:
+    """Raise the soft limit on open files to the hard one; return the new soft limit."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != hard:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+            soft = hard
+        except (ValueError, OSError):
             pass
+    return soft
 
 
 async def serve(config: Config, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
@@ -192,26 +326,25 @@ async def serve(config: Config, *, task_status=trio.TASK_STATUS_IGNORED) -> None
         raise
     udp_addrs = [local_address(s) for s in udp_socks]
     tcp_addrs = [local_address(s) for s in tcp_socks]
-    shell = Shell(config, make_core(config, tuple(udp_addrs + tcp_addrs)))
-    listeners = [trio.SocketListener(trio.socket.from_stdlib_socket(s)) for s in tcp_socks]
+    shell = Shell(config, tuple(udp_addrs + tcp_addrs))
     try:
         async with trio.open_nursery() as nursery:
             shell.nursery = nursery
             for sock, server in zip(udp_socks, udp_addrs):
                 clients = shell.udp_clients.setdefault(server, {})
-                nursery.start_soon(relay.listener_loop, sock, clients, shell.forwarder,
-                                   functools.partial(shell.udp_slow_path, server), shell.now,
-                                   (shell.core.config.channel_max >> 8) + 1)
-            nursery.start_soon(trio.serve_listeners, shell.tcp_connection, listeners)
+                nursery.start_soon(functools.partial(
+                    relay.listener_loop, sock, clients, shell.forwarder,
+                    functools.partial(shell.udp_slow_path, server), shell.now,
+                    (shell.core.config.channel_max >> 8) + 1, on_error=shell.internal_error))
+            for sock in tcp_socks:
+                nursery.start_soon(shell.accept_loop, sock, nursery)
             nursery.start_soon(shell.sweeper)
-            running = Running(udp=udp_addrs, tcp=tcp_addrs,
-                              core=shell.core, stats=shell.stats, tcp_stats=shell.tcp_stats)
+            running = Running(udp=udp_addrs, tcp=tcp_addrs, core=shell.core, stats=shell.stats,
+                              tcp_stats=shell.tcp_stats, shell=shell)
             task_status.started(running)
     finally:
-        for s in udp_socks:
+        for s in udp_socks + tcp_socks:
             s.close()
-        for listener in listeners:
-            listener.socket.close()
         for alloc in list(shell.core.allocations.values()):
             for r in alloc.relays.values():
                 r.handle.close()
@@ -219,6 +352,13 @@ async def serve(config: Config, *, task_status=trio.TASK_STATUS_IGNORED) -> None
 
 async def run(config: Config) -> None:
     """Serve until SIGINT or SIGTERM, then stop cleanly."""
+    files = raise_file_limit()
+    low, high = config.relay.ports
+    needed = (high - low + 1) * len(config.relay_addresses()) + 64
+    if files < needed:
+        log.warning("only %d open files allowed (RLIMIT_NOFILE): fewer than the %d relay ports "
+                    "need; allocations past that get 508. Raise LimitNOFILE or ulimit -n.",
+                    files, needed - 64)
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
         async with trio.open_nursery() as nursery:
             running = await nursery.start(serve, config)

@@ -64,6 +64,38 @@ def _bad(what: str) -> StunDecodeError:
 
 # --- addresses -----------------------------------------------------------------
 
+def format_ipv4(raw: bytes) -> str:
+    return f"{raw[0]}.{raw[1]}.{raw[2]}.{raw[3]}"
+
+
+def format_ipv6(raw: bytes) -> str:
+    """The text of a 16-byte IPv6 address exactly as the C library's inet_ntop writes it,
+    which is also how the kernel's source addresses reach Python (IPv4-mapped and
+    IPv4-compatible addresses end in dotted quads).  Peer addresses from STUN attributes
+    and from recvfrom are compared as text, so the two must agree."""
+    words = struct.unpack("!8H", raw)
+    best, best_len, i = -1, 0, 0
+    while i < 8:  # the longest run of zero words (the first of equals), if 2 or more
+        if words[i]:
+            i += 1
+            continue
+        j = i
+        while j < 8 and not words[j]:
+            j += 1
+        if j - i > best_len:
+            best, best_len = i, j - i
+        i = j
+    if best_len < 2:
+        best = -1
+    if best == 0 and (best_len == 6 or (best_len == 5 and words[5] == 0xFFFF)):
+        return ("::" if best_len == 6 else "::ffff:") + format_ipv4(raw[12:])
+    if best < 0:
+        return ":".join(f"{w:x}" for w in words)
+    head = ":".join(f"{w:x}" for w in words[:best])
+    tail = ":".join(f"{w:x}" for w in words[best + best_len:])
+    return f"{head}::{tail}"
+
+
 def _decode_address(value: bytes, xor_key: bytes | None) -> Address:
     if len(value) < 4:
         raise _bad("address attribute too short")
@@ -80,9 +112,9 @@ def _decode_address(value: bytes, xor_key: bytes | None) -> Address:
         raise _bad(f"unknown address family {family}")
     if xor_key is not None:
         port ^= c.MAGIC_COOKIE >> 16
-        raw = bytes(a ^ b for a, b in zip(raw, xor_key))
-    ip = ipaddress.IPv4Address(raw) if family == c.FAMILY_IPV4 else ipaddress.IPv6Address(raw)
-    return (str(ip), port)
+        n = len(raw)
+        raw = (int.from_bytes(raw, "big") ^ int.from_bytes(xor_key[:n], "big")).to_bytes(n, "big")
+    return (format_ipv4(raw) if family == c.FAMILY_IPV4 else format_ipv6(raw), port)
 
 
 def _encode_address(addr: Address, xor_key: bytes | None) -> bytes:
@@ -226,14 +258,19 @@ def _unknown_attributes():
     def decode(value: bytes, tid: bytes) -> tuple[int, ...]:
         if len(value) % 2:
             raise _bad("UNKNOWN-ATTRIBUTES has odd length")
-        return tuple(int.from_bytes(value[i:i + 2], "big") for i in range(0, len(value), 2))
+        return struct.unpack(f"!{len(value) // 2}H", value)
     return decode, lambda v, tid: b"".join(t.to_bytes(2, "big") for t in v)
+
+
+MAX_ALGORITHMS = 16  # two exist (RFC 8489 §18.5); a longer list is an attack, not a client
 
 
 def _decode_algorithms(value: bytes) -> tuple[PasswordAlgorithm, ...]:
     out = []
     pos = 0
     while pos < len(value):
+        if len(out) == MAX_ALGORITHMS:
+            raise _bad("too many password algorithms")
         if pos + 4 > len(value):
             raise _bad("PASSWORD-ALGORITHM truncated")
         alg, plen = struct.unpack_from("!HH", value, pos)

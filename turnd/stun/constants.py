@@ -125,3 +125,6 @@ CHANNEL_MAX = 0x4FFF
 MAX_USERNAME_BYTES = 512  # "less than 513 bytes"
 MAX_TEXT_CHARS = 127  # REALM, NONCE, SOFTWARE, reason: "fewer than 128 characters"
 MAX_TEXT_BYTES = 763
+# Attributes decoded per message: real clients send at most about 12 (an ICE check with
+# its extensions); a 64 KiB message could hold 16,000. A larger count is a 400.
+MAX_ATTRIBUTES = 64

@@ -9,7 +9,9 @@ from __future__ import annotations
 from . import constants as c
 from .errors import StunDecodeError
 
-MAX_BUFFER = 65536 + 20
+# The largest frame: a STUN message (20 + 65,532 bytes) or padded ChannelData (4 + 65,535
+# + 1).  A reader never needs to hold more than this to find the end of a frame.
+MAX_FRAME = c.HEADER_SIZE + 0xFFFC
 
 
 class StreamFramer:
@@ -27,9 +29,15 @@ class StreamFramer:
         self._buf = bytearray()
 
     def feed(self, data: bytes) -> None:
+        """Add bytes; a reader that reads at most ``room`` bytes at a time never overflows."""
         self._buf += data
-        if len(self._buf) > 2 * MAX_BUFFER:
+        if len(self._buf) > MAX_FRAME:
             raise StunDecodeError("stream buffer overflow")
+
+    @property
+    def room(self) -> int:
+        """How many bytes may be fed now (after taking every whole frame, always >= 1)."""
+        return MAX_FRAME - len(self._buf)
 
     def next_frame_untrusted(self) -> bytes | None:
         buf = self._buf

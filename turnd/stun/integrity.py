@@ -79,6 +79,11 @@ def saslprep(text: str, *, allow_unassigned: bool = False) -> str:
     RFC 8489's OpaqueString gives the same result for the strings STUN clients
     use; SASLprep is what deployed clients (and the RFC 5769 vectors) expect.
     """
+    if text.isascii() and text.isprintable():
+        # Printable ASCII maps to itself: nothing in B.1 or C.1.2, NFKC leaves it, no
+        # prohibited character (C.2.1 is the controls) and no right-to-left text.  This
+        # keeps key derivation (REST passwords are base64) to a few microseconds.
+        return text
     mapped = "".join(" " if stringprep.in_table_c12(ch) else ch
                      for ch in text if not stringprep.in_table_b1(ch))
     out = unicodedata.normalize("NFKC", mapped)

@@ -81,10 +81,11 @@ class Message:
             (other.method, other.cls, other.transaction_id, other.attributes)
 
 
-def decode_untrusted(data: bytes) -> Message:
+def decode_untrusted(data: bytes, max_attributes: int = c.MAX_ATTRIBUTES) -> Message:
     """Parse one STUN message from ``data`` (exactly one datagram or frame).
 
-    Raises only ``StunDecodeError``.  Attributes after MESSAGE-INTEGRITY other
+    Raises only ``StunDecodeError``, also for a message of more than
+    ``max_attributes`` attributes (work per message stays small and linear).  Attributes after MESSAGE-INTEGRITY other
     than MESSAGE-INTEGRITY-SHA256 and FINGERPRINT are ignored (not returned);
     attributes after FINGERPRINT are ignored too.  Unknown comprehension-required
     attribute types are listed in ``unknown_required``.
@@ -108,10 +109,11 @@ def decode_untrusted(data: bytes) -> Message:
     def bad(reason: str) -> StunDecodeError:
         return StunDecodeError(reason, method=method, cls=cls, transaction_id=tid)
 
-    unknown: list[int] = []
+    unknown: dict[int, None] = {}  # ordered and O(1): no quadratic de-duplication
     ignored: list[int] = []
     pos = c.HEADER_SIZE
     end = len(data)
+    count = 0
     # 0: before MESSAGE-INTEGRITY, 1: after MI, 2: after MI-SHA256, 3: after FINGERPRINT
     stage = 0
     while pos < end:
@@ -123,6 +125,9 @@ def decode_untrusted(data: bytes) -> Message:
         padded_end = vend + (-attr_len % 4)
         if padded_end > end:
             raise bad("attribute runs past the end of the message")
+        count += 1
+        if count > max_attributes:
+            raise bad(f"more than {max_attributes} attributes")
         value = data[vstart:vend]
         offset = pos
         pos = padded_end
@@ -148,8 +153,7 @@ def decode_untrusted(data: bytes) -> Message:
             ignored.append(attr_type)
             continue
         if attr_type not in CODECS and c.comprehension_required(attr_type):
-            if attr_type not in unknown:
-                unknown.append(attr_type)
+            unknown[attr_type] = None
         msg.attributes.append((attr_type, _decode(attr_type, value, tid, bad)))
     msg.unknown_required = tuple(unknown)
     msg.ignored_after_integrity = tuple(ignored)

@@ -35,11 +35,9 @@ class Channel:
 class Allocation:
     __slots__ = ("five_tuple", "username", "key", "integrity", "expires", "relays",
                  "permissions", "channels", "peer_channels", "allocate_tid",
-                 "allocate_response", "client_handle", "indication_tid", "peer_attr_cache",
-                 "cooldown")
+                 "allocate_response", "client_handle", "peer_attr_cache", "cooldown")
 
-    def __init__(self, five_tuple, username: str, key: bytes, integrity: str, expires: float,
-                 indication_tid: bytes):
+    def __init__(self, five_tuple, username: str, key: bytes, integrity: str, expires: float):
         self.five_tuple = five_tuple
         self.username = username
         self.key = key                # the long-term key responses are signed with
@@ -52,7 +50,8 @@ class Allocation:
         self.allocate_tid: bytes = b""
         self.allocate_response: bytes = b""
         self.client_handle: object = None  # set by the shell: how to reach the client
-        self.indication_tid = indication_tid
+        # XOR-PEER-ADDRESS TLVs of IPv4 peers for Data indications (an IPv4 address is
+        # XORed with the cookie only, so it does not depend on the transaction ID).
         self.peer_attr_cache: dict[tuple, bytes] = {}
         # Expired channels: number -> (peer, until). For 5 minutes neither the number nor
         # the peer may be bound to anything else (RFC 8656 §12).

@@ -11,9 +11,11 @@ and peer decisions from the ``policy`` seam (as pion/turn's ServerConfig).
 from __future__ import annotations
 
 import ipaddress
+import math
 import random
-from array import array
 import secrets
+from array import array
+from collections import deque
 from typing import NamedTuple, Protocol
 
 import attrs
@@ -27,14 +29,17 @@ from .allocation import Allocation, Channel, Relay
 from .nonce import FEATURE_PASSWORD_ALGORITHMS, FEATURE_USERNAME_ANONYMITY, NonceMaker
 from .policy import PeerPolicy, embedded_ipv4
 from .ports import PortPool
+from .wheel import ExpiryWheel
 
 Address = tuple  # (ip: str, port: int)
 
 TURN_METHODS = (c.ALLOCATE, c.REFRESH, c.CREATE_PERMISSION, c.CHANNEL_BIND)
 RESERVATION_LIFETIME = 30.0
 CHANNEL_COOLDOWN = 300.0
-OFFERED_ALGORITHMS = (PasswordAlgorithm(c.ALGORITHM_MD5), PasswordAlgorithm(c.ALGORITHM_SHA256))
+ALL_ALGORITHMS = (c.ALGORITHM_MD5, c.ALGORITHM_SHA256)
 RATE_BUCKETS = 4096
+BIND_ATTEMPTS = 16    # random ports tried per relay before 508
+SWEEP_BUDGET = 1000   # allocations looked at per expire() call: no sweep the relay can feel
 
 
 class FiveTuple(NamedTuple):
@@ -71,9 +76,31 @@ class SendToPeer:
     data: bytes
 
 
+class PortBusy(Exception):
+    """The binder's answer when another program has the port: turnd tries another port
+    and offers this one again after ``ProtocolConfig.port_retry`` seconds."""
+
+
+class BindFailed(Exception):
+    """The binder's answer when binding failed for want of resources (EMFILE, ENFILE,
+    ENOBUFS...): the Allocate fails at once with 508 and the port goes back to the pool."""
+
+
 class RelayBinder(Protocol):
-    def bind(self, ip: str, port: int, dont_fragment: bool) -> object | None:
-        """Bind a relay socket; None when the port is taken by someone else."""
+    def bind(self, ip: str, port: int, dont_fragment: bool) -> object:
+        """Bind a relay socket and return its handle; raise PortBusy or BindFailed."""
+
+    def unbind(self, handle: object) -> None:
+        """Close a relay socket.  When this returns the port may be bound again: the core
+        returns a port to its pool only after this (so it is never handed out twice)."""
+
+
+class Reservation(NamedTuple):
+    """An EVEN-PORT reservation (RFC 8656 §7.2): port+1 kept for RESERVATION-TOKEN."""
+    ip: str
+    port: int
+    expires: float
+    username: str  # counted by that user's quota until used or expired
 
 
 @attrs.frozen
@@ -96,6 +123,9 @@ class ProtocolConfig:
     turn_transports: frozenset = frozenset({"udp"})
     unauth_rate: float = 20.0             # 401 responses per second per source IP (burst 2x)
     channel_max: int = c.CHANNEL_MAX      # 0x4FFF (RFC 8656); 0x7FFF accepts RFC 5766 clients
+    max_attributes: int = c.MAX_ATTRIBUTES  # attributes decoded per message, else 400
+    permissions_per_allocation: int = 64  # peer IPs with a permission, else 508
+    port_retry: float = 60.0              # seconds before a port another program had is tried again
 
 
 def _family(ip: str) -> int:
@@ -117,10 +147,20 @@ class TurnServer:
             features |= FEATURE_USERNAME_ANONYMITY
         self.nonces = NonceMaker(nonce_secret or secrets.token_bytes(32), config.nonce_lifetime,
                                  features)
+        # PASSWORD-ALGORITHMS offers only what every configured user can log in with.
+        algorithms = credentials.algorithms if credentials is not None else ALL_ALGORITHMS
+        self.offered = tuple(PasswordAlgorithm(a) for a in algorithms)
+        # Checked against when a user is unknown, so that costs what a known one does.
+        self._decoy_key = secrets.token_bytes(16)
         self.allocations: dict[FiveTuple, Allocation] = {}
         self.relays_by_addr: dict[Address, Relay] = {}
+        # Allocations and reservations held per user: what user_quota counts.
         self.user_allocations: dict[str, int] = {}
-        self.reservations: dict[bytes, tuple[str, int, float]] = {}
+        self.reservations: dict[bytes, Reservation] = {}
+        self._reservation_queue: deque[tuple[float, bytes]] = deque()  # in expiry order
+        self._busy_ports: deque[tuple[float, str, int]] = deque()  # (retry at, ip, port)
+        self.wheel = ExpiryWheel()
+        self.sweep_pending = False  # the last expire() hit its budget: call again soon
         self.relay_ips = {_family(ip): ip for ip in config.relay_addresses}
         self.external = dict(config.external)
         self.pools = {ip: PortPool(*config.port_range) for ip in config.relay_addresses}
@@ -141,7 +181,7 @@ class TurnServer:
 
     def handle_untrusted(self, data: bytes, ft: FiveTuple, now: float) -> list:
         try:
-            msg = decode_untrusted(data)
+            msg = decode_untrusted(data, self.config.max_attributes)
         except StunDecodeError as exc:
             if exc.is_stun and exc.cls == c.REQUEST:
                 self.count("bad_requests")
@@ -152,61 +192,109 @@ class TurnServer:
         if msg.fingerprint_offset is not None and not verify_fingerprint(msg):
             self.count("dropped_bad_fingerprint")
             return []
+        actions: list = []
+        alloc = self.allocations.get(ft)
+        if alloc is not None and alloc.expires < now:
+            # RFC 8656 §7: an allocation is gone the moment its lifetime ends, whether
+            # or not a sweep has run: it answers nothing and its 5-tuple is free.
+            self.count("allocations_expired")
+            actions.append(self._delete(alloc))
         if msg.cls == c.INDICATION:
-            return [] if msg.unknown_required else self._indication(msg, ft, now)
+            if not msg.unknown_required:
+                actions += self._indication(msg, ft, now)
+            return actions
         if msg.cls != c.REQUEST:
             self.count("dropped_responses")
-            return []
+            return actions
         auth: tuple | None = None
         try:
             if msg.unknown_required:
+                # RFC 8489 §6.3.1.1: unknown comprehension-required attributes: 420.
                 raise StunError(c.UNKNOWN_ATTRIBUTE,
                                 attributes=[(c.UNKNOWN_ATTRIBUTES, msg.unknown_required)])
             if msg.method == c.BINDING:
                 self.count("binding_requests")
                 resp = self._response(msg, [(c.XOR_MAPPED_ADDRESS, ft.client)])
-                return [Reply(encode(resp, fingerprint=msg.fingerprint_offset is not None))]
+                return actions + [Reply(encode(resp, fingerprint=msg.fingerprint_offset is not None))]
             if msg.method not in TURN_METHODS:
                 raise StunError(c.BAD_REQUEST, "Unknown method")
             if ft.transport not in self.config.turn_transports:
                 raise StunError(c.BAD_REQUEST, f"TURN over {ft.transport} is not served")
             auth = self._authenticate(msg, ft, now)
-            return self._turn_request(msg, ft, now, *auth)
+            return actions + self._turn_request(msg, ft, now, *auth)
         except StunError as err:
             self.count(f"error_{err.code}")
             if err.code == c.UNAUTHORIZED and auth is None and not self._rate_ok(ft, now):
                 self.count("dropped_rate_limited")
-                return []
+                return actions
             key = auth[1] if auth else None
             integrity = auth[2] if auth else "sha1"
-            return [Reply(self._error_bytes(msg.method, msg.transaction_id, err, key=key,
-                                            integrity=integrity,
-                                            fingerprint=msg.fingerprint_offset is not None))]
+            return actions + [Reply(self._error_bytes(
+                msg.method, msg.transaction_id, err, key=key, integrity=integrity,
+                fingerprint=msg.fingerprint_offset is not None))]
 
-    def expire(self, now: float) -> list:
-        """Delete expired allocations, permissions, channels and reservations."""
+    def expire(self, now: float, budget: int = SWEEP_BUDGET) -> list:
+        """Delete what has expired: allocations, permissions, channels, cool-downs and
+        reservations; offer ports again that another program had.  Looks at no more than
+        ``budget`` allocations; ``sweep_pending`` says whether more are due already."""
         actions = []
-        for ft, alloc in list(self.allocations.items()):
+        for alloc in self.wheel.due(now, budget):
             if alloc.expires < now:
                 self.count("allocations_expired")
                 actions.append(self._delete(alloc))
-                continue
-            for ip, expiry in list(alloc.permissions.items()):
-                if expiry < now:
-                    del alloc.permissions[ip]
-            for number, ch in list(alloc.channels.items()):
-                if ch.expires < now:
-                    del alloc.channels[number]
-                    alloc.peer_channels.pop(ch.peer, None)
-                    alloc.cooldown[number] = (ch.peer, ch.expires + CHANNEL_COOLDOWN)
-            for number, (_, until) in list(alloc.cooldown.items()):
-                if until < now:
-                    del alloc.cooldown[number]
-        for token, (ip, port, expiry) in list(self.reservations.items()):
-            if expiry < now:
+            else:
+                self._sweep(alloc, now)
+        queue = self._reservation_queue
+        for _ in range(budget):
+            if not queue or queue[0][0] >= now:
+                break
+            _, token = queue.popleft()
+            reserved = self.reservations.get(token)
+            if reserved is not None and reserved.expires < now:
                 del self.reservations[token]
-                self.pools[ip].give(port)
+                self._unhold(reserved.username)
+                self.pools[reserved.ip].give(reserved.port)
+        busy = self._busy_ports
+        for _ in range(budget):
+            if not busy or busy[0][0] > now:
+                break
+            _, ip, port = busy.popleft()
+            self.pools[ip].give(port)
+        self.sweep_pending = (self.wheel.pending(now) or bool(queue and queue[0][0] < now)
+                              or bool(busy and busy[0][0] <= now))
         return actions
+
+    def _sweep(self, alloc: Allocation, now: float) -> None:
+        """Drop the expired permissions, channels and cool-downs of a live allocation and
+        schedule it for the next thing in it that can expire."""
+        nxt = alloc.expires
+        perms = alloc.permissions
+        for ip, expiry in list(perms.items()):
+            if expiry < now:
+                del perms[ip]
+            elif expiry < nxt:
+                nxt = expiry
+        for number, ch in list(alloc.channels.items()):
+            if ch.expires < now:
+                # RFC 8656 §12: for 5 minutes after a channel expires neither its number
+                # nor its peer may be bound to anything else.
+                del alloc.channels[number]
+                alloc.peer_channels.pop(ch.peer, None)
+                alloc.cooldown[number] = (ch.peer, ch.expires + CHANNEL_COOLDOWN)
+            elif ch.expires < nxt:
+                nxt = ch.expires
+        for number, (_, until) in list(alloc.cooldown.items()):
+            if until < now:
+                del alloc.cooldown[number]
+            elif until < nxt:
+                nxt = until
+        self.wheel.schedule(alloc, nxt if nxt > now else now + 1)
+
+    def _wake_by(self, alloc: Allocation, when: float) -> None:
+        """Something in ``alloc`` expires at ``when``: make sure the sweep looks by then."""
+        scheduled = self.wheel.when(alloc)
+        if scheduled is None or math.ceil(when) < scheduled:
+            self.wheel.schedule(alloc, when)
 
     def free_ports(self) -> dict[str, int]:
         return {ip: len(pool) for ip, pool in self.pools.items()}
@@ -218,7 +306,7 @@ class TurnServer:
 
     def _challenge(self, ft: FiveTuple, now: float) -> list:
         return [(c.REALM, self.config.realm), (c.NONCE, self.nonces.make(self._client_key(ft), now)),
-                (c.PASSWORD_ALGORITHMS, OFFERED_ALGORITHMS)]
+                (c.PASSWORD_ALGORITHMS, self.offered)]
 
     def _rate_ok(self, ft: FiveTuple, now: float) -> bool:
         """A token bucket per source IP in a fixed-size table: no state per request."""
@@ -233,6 +321,7 @@ class TurnServer:
         return True
 
     def _authenticate(self, msg: Message, ft: FiveTuple, now: float) -> tuple[str, bytes, str]:
+        # RFC 8489 §9.2.4, in its order.
         if msg.integrity_offset is None and msg.integrity_sha256_offset is None:
             raise StunError(c.UNAUTHORIZED, attributes=self._challenge(ft, now))
         username, uhash = msg.get(c.USERNAME), msg.get(c.USERHASH)
@@ -246,19 +335,23 @@ class TurnServer:
             raise StunError(c.BAD_REQUEST, "PASSWORD-ALGORITHM needs PASSWORD-ALGORITHMS")
         alg = c.ALGORITHM_MD5
         if algorithm is not None:
-            if tuple(algorithms) != OFFERED_ALGORITHMS or algorithm not in OFFERED_ALGORITHMS:
+            if tuple(algorithms) != self.offered or algorithm not in self.offered:
                 raise StunError(c.BAD_REQUEST, "PASSWORD-ALGORITHMS do not match")
             alg = algorithm.algorithm
         if self.credentials is None or realm != self.config.realm:
             raise StunError(c.UNAUTHORIZED, attributes=self._challenge(ft, now))
+        keys: list[bytes] = []
         if username is None:
             username = self.credentials.username_for_userhash(uhash, realm)
-            if username is None:
-                raise StunError(c.UNAUTHORIZED, attributes=self._challenge(ft, now))
-        for key in self.credentials.keys_for(username, realm, alg, now):
+        if username is not None:
+            keys = self.credentials.keys_for(username, realm, alg, now)
+        kind = "sha256" if msg.integrity_sha256_offset is not None else "sha1"
+        for key in keys:
             if verify_integrity(msg, key):
-                kind = "sha256" if msg.integrity_sha256_offset is not None else "sha1"
                 return username, key, kind
+        if not keys:
+            # An unknown user costs the one HMAC a known one does: timing tells nothing.
+            verify_integrity(msg, self._decoy_key)
         self.count("auth_failures")
         raise StunError(c.UNAUTHORIZED, attributes=self._challenge(ft, now))
 
@@ -266,12 +359,15 @@ class TurnServer:
 
     def _turn_request(self, msg, ft, now, username, key, integrity) -> list:
         alloc = self.allocations.get(ft)
-        if alloc is not None and alloc.username != username:
-            raise StunError(c.WRONG_CREDENTIALS)
         if msg.method == c.ALLOCATE:
             return self._allocate(msg, ft, now, username, key, integrity, alloc)
         if alloc is None:
-            raise StunError(c.ALLOCATION_MISMATCH)
+            raise StunError(c.ALLOCATION_MISMATCH)  # RFC 8656 §7.3, §9.2, §11.2
+        if alloc.username != username:
+            raise StunError(c.WRONG_CREDENTIALS)  # RFC 8656 §5: not the allocation's user
+        scheduled = self.wheel.when(alloc)
+        if scheduled is not None and scheduled <= now:
+            self._sweep(alloc, now)  # answer from exact state, not the last sweep's
         alloc.key, alloc.integrity = key, integrity  # answer in kind
         if msg.method == c.REFRESH:
             return self._refresh(msg, alloc, now)
@@ -291,35 +387,54 @@ class TurnServer:
             return default
         return max(default, min(requested, cfg.max_lifetime))
 
+    def _hold(self, username: str) -> None:
+        self.user_allocations[username] = self.user_allocations.get(username, 0) + 1
+
+    def _unhold(self, username: str) -> None:
+        n = self.user_allocations.get(username, 1) - 1
+        if n:
+            self.user_allocations[username] = n
+        else:
+            self.user_allocations.pop(username, None)
+
     def _allocate(self, msg, ft, now, username, key, integrity, alloc) -> list:
+        # RFC 8656 §7.2, step by step.
         if alloc is not None:
-            if msg.transaction_id == alloc.allocate_tid:
+            # Step 2: the 5-tuple is in use.  A retransmission of the request that made
+            # the allocation gets its response again; anything else (another user too) 437.
+            if msg.transaction_id == alloc.allocate_tid and username == alloc.username:
                 self.count("allocate_retransmits")
                 return [Reply(alloc.allocate_response)]
             raise StunError(c.ALLOCATION_MISMATCH)
         transport = msg.get(c.REQUESTED_TRANSPORT)
         if transport is None:
-            raise StunError(c.BAD_REQUEST, "Missing REQUESTED-TRANSPORT")
+            raise StunError(c.BAD_REQUEST, "Missing REQUESTED-TRANSPORT")  # step 3
         if transport != c.TRANSPORT_UDP:
             raise StunError(c.UNSUPPORTED_TRANSPORT)
         dont_fragment = c.DONT_FRAGMENT in msg
-        if dont_fragment and not self.config.dont_fragment:
+        if dont_fragment and not self.config.dont_fragment:  # step 4
             raise StunError(c.UNKNOWN_ATTRIBUTE, attributes=[(c.UNKNOWN_ATTRIBUTES, (c.DONT_FRAGMENT,))])
         token, even = msg.get(c.RESERVATION_TOKEN), msg.get(c.EVEN_PORT)
         req_fam = msg.get(c.REQUESTED_ADDRESS_FAMILY)
         add_fam = msg.get(c.ADDITIONAL_ADDRESS_FAMILY, msg.get(c.ADDITIONAL_ADDRESS_FAMILY_DRAFT))
         if token is not None and (even is not None or req_fam is not None or add_fam is not None):
-            raise StunError(c.BAD_REQUEST, "RESERVATION-TOKEN with EVEN-PORT or address family")
+            raise StunError(c.BAD_REQUEST, "RESERVATION-TOKEN with EVEN-PORT or address family")  # step 5
         if req_fam is not None and add_fam is not None:
-            raise StunError(c.BAD_REQUEST, "REQUESTED- and ADDITIONAL-ADDRESS-FAMILY together")
+            raise StunError(c.BAD_REQUEST, "REQUESTED- and ADDITIONAL-ADDRESS-FAMILY together")  # step 7
         if req_fam is not None and req_fam not in (c.FAMILY_IPV4, c.FAMILY_IPV6):
             raise StunError(c.ADDRESS_FAMILY_NOT_SUPPORTED)
         if add_fam is not None and add_fam != c.FAMILY_IPV6:
             raise StunError(c.BAD_REQUEST, "ADDITIONAL-ADDRESS-FAMILY must be IPv6")
+        # Step 8, quotas: a user's reservations count as allocations.  Using one's own
+        # reservation turns it into the allocation: no net change.
         cfg = self.config
-        if cfg.user_quota and self.user_allocations.get(username, 0) >= cfg.user_quota:
+        reserved = self.reservations.get(token) if token is not None else None
+        swap = reserved is not None and reserved.username == username
+        held = self.user_allocations.get(username, 0) - swap
+        if cfg.user_quota and held >= cfg.user_quota:
             raise StunError(c.ALLOCATION_QUOTA_REACHED)
-        if cfg.total_quota and len(self.allocations) >= cfg.total_quota:
+        if cfg.total_quota and (len(self.allocations) + len(self.reservations)
+                                - (reserved is not None)) >= cfg.total_quota:
             raise StunError(c.ALLOCATION_QUOTA_REACHED)
 
         if token is not None:
@@ -335,58 +450,78 @@ class TurnServer:
         if families[0] not in self.relay_ips:
             raise StunError(c.ADDRESS_FAMILY_NOT_SUPPORTED)
 
-        alloc = Allocation(ft, username, key, integrity, now + self._lifetime(msg),
-                           secrets.token_bytes(12))
-        response_attrs: list = []
+        alloc = Allocation(ft, username, key, integrity, now + self._lifetime(msg))
         new_token = None
         # The primary relay.
         ip = self.relay_ips[families[0]]
         if token is not None:
-            reserved = self.reservations.pop(token, None)
-            if reserved is None or reserved[2] < now:
+            self.reservations.pop(token, None)
+            if reserved is not None:
+                self._unhold(reserved.username)
+            if reserved is None or reserved.expires < now:
                 if reserved is not None:
-                    self.pools[reserved[0]].give(reserved[1])
+                    self.pools[reserved.ip].give(reserved.port)
                 raise StunError(c.INSUFFICIENT_CAPACITY, "Unknown or expired RESERVATION-TOKEN")
-            ip, port = reserved[0], reserved[1]
-            handle = self.binder.bind(ip, port, dont_fragment) if self.binder else object()
-            if handle is None:
+            ip, port = reserved.ip, reserved.port
+            try:
+                handle = self._open(ip, port, dont_fragment, now)
+            except BindFailed:
                 self.pools[ip].give(port)
+                raise StunError(c.INSUFFICIENT_CAPACITY) from None
+            if handle is None:
                 raise StunError(c.INSUFFICIENT_CAPACITY)
             relay = self._add_relay(alloc, ip, port, handle)
         else:
-            relay = self._bind_relay(alloc, ip, dont_fragment, even_port=even is not None)
+            try:
+                relay = self._bind_relay(alloc, ip, dont_fragment, now, even_port=even is not None)
+            except BindFailed:
+                raise StunError(c.INSUFFICIENT_CAPACITY) from None
             if relay is None:
-                raise StunError(c.INSUFFICIENT_CAPACITY)
+                raise StunError(c.INSUFFICIENT_CAPACITY)  # step 6 and an exhausted range
+        try:
+            response_attrs: list = [(c.XOR_RELAYED_ADDRESS, relay.advertised)]
             if even:  # R bit: keep port+1 for a later Allocate with RESERVATION-TOKEN
                 new_token = secrets.token_bytes(8)
-                self.reservations[new_token] = (ip, relay.address[1] + 1, now + RESERVATION_LIFETIME)
+                expires = now + RESERVATION_LIFETIME
+                self.reservations[new_token] = Reservation(ip, relay.address[1] + 1, expires, username)
+                self._reservation_queue.append((expires, new_token))
+                self._hold(username)
             elif even is not None:
                 self.pools[ip].give(relay.address[1] + 1)
-        response_attrs.append((c.XOR_RELAYED_ADDRESS, relay.advertised))
-        # The additional IPv6 relay of a dual allocation.
-        if len(families) == 2:
-            if 6 not in self.relay_ips:
-                response_attrs.append((c.ADDRESS_ERROR_CODE, AddressErrorCode(
-                    c.FAMILY_IPV6, 440, c.REASONS[440])))
-            else:
-                extra = self._bind_relay(alloc, self.relay_ips[6], dont_fragment, even_port=False)
-                if extra is None:
+            # The additional IPv6 relay of a dual allocation (RFC 8656 §7.2, ADDRESS-ERROR-CODE
+            # when that family alone can't be served).
+            if len(families) == 2:
+                error = 440 if 6 not in self.relay_ips else None
+                if error is None:
+                    try:
+                        extra = self._bind_relay(alloc, self.relay_ips[6], dont_fragment, now,
+                                                 even_port=False)
+                    except BindFailed:
+                        extra = None
+                    if extra is None:
+                        error = 508
+                    else:
+                        response_attrs.append((c.XOR_RELAYED_ADDRESS, extra.advertised))
+                if error is not None:
                     response_attrs.append((c.ADDRESS_ERROR_CODE, AddressErrorCode(
-                        c.FAMILY_IPV6, 508, c.REASONS[508])))
-                else:
-                    response_attrs.append((c.XOR_RELAYED_ADDRESS, extra.advertised))
-        response_attrs.append((c.LIFETIME, int(alloc.expires - now)))
-        if new_token is not None:
-            response_attrs.append((c.RESERVATION_TOKEN, new_token))
-        response_attrs.append((c.XOR_MAPPED_ADDRESS, ft.client))
+                        c.FAMILY_IPV6, error, c.REASONS[error])))
+            response_attrs.append((c.LIFETIME, int(alloc.expires - now)))
+            if new_token is not None:
+                response_attrs.append((c.RESERVATION_TOKEN, new_token))
+            response_attrs.append((c.XOR_MAPPED_ADDRESS, ft.client))
+            alloc.allocate_tid = msg.transaction_id
+            alloc.allocate_response = self._signed(msg, key, integrity, response_attrs)
+        except BaseException:  # never keep a socket or a port for a request that failed
+            for r in alloc.relays.values():
+                self._release(r)
+            raise
 
         self.allocations[ft] = alloc
-        self.user_allocations[username] = self.user_allocations.get(username, 0) + 1
+        self._hold(username)
         for r in alloc.relays.values():
             self.relays_by_addr[r.address] = r
             self.relays_by_addr[r.advertised] = r
-        alloc.allocate_tid = msg.transaction_id
-        alloc.allocate_response = self._signed(msg, key, integrity, response_attrs)
+        self.wheel.schedule(alloc, alloc.expires)
         self.count("allocations_created")
         return [AllocationCreated(alloc), Reply(alloc.allocate_response)]
 
@@ -397,45 +532,70 @@ class TurnServer:
         alloc.relays[relay.family] = relay
         return relay
 
-    def _bind_relay(self, alloc, ip, dont_fragment, *, even_port: bool) -> Relay | None:
+    def _open(self, ip: str, port: int, dont_fragment: bool, now: float):
+        """A relay socket through the binder; None when another program has the port (it
+        is offered again after ``port_retry``).  BindFailed propagates."""
+        if self.binder is None:
+            return object()
+        try:
+            return self.binder.bind(ip, port, dont_fragment)
+        except PortBusy:
+            self.count("relay_ports_busy")
+            self._busy_ports.append((now + self.config.port_retry, ip, port))
+            return None
+        except BindFailed:
+            self.count("relay_bind_failures")
+            raise
+
+    def _bind_relay(self, alloc, ip, dont_fragment, now, *, even_port: bool) -> Relay | None:
+        """A relay on a random free port (an even one with port+1 free too, for EVEN-PORT);
+        None when no port could be had.  BindFailed propagates with every port returned."""
         pool = self.pools[ip]
-        for _ in range(16):
+        for _ in range(BIND_ATTEMPTS):
             port = pool.take_even_pair(self.rng) if even_port else pool.take_random(self.rng)
             if port is None:
                 return None
-            handle = self.binder.bind(ip, port, dont_fragment) if self.binder else object()
+            try:
+                handle = self._open(ip, port, dont_fragment, now)
+            except BindFailed:
+                pool.give(port)
+                if even_port:
+                    pool.give(port + 1)
+                raise
             if handle is not None:
                 return self._add_relay(alloc, ip, port, handle)
-            # Taken by another program: leave it out of the pool for now, try another.
             if even_port:
                 pool.give(port + 1)
-            self.count("relay_bind_failures")
         return None
+
+    def _release(self, relay: Relay) -> None:
+        """Close a relay's socket, then return its port: never the other way round."""
+        if self.binder is not None:
+            self.binder.unbind(relay.handle)
+        self.pools[relay.address[0]].give(relay.address[1])
 
     def _delete(self, alloc: Allocation) -> AllocationDeleted:
         del self.allocations[alloc.five_tuple]
-        n = self.user_allocations.get(alloc.username, 1) - 1
-        if n:
-            self.user_allocations[alloc.username] = n
-        else:
-            self.user_allocations.pop(alloc.username, None)
+        self._unhold(alloc.username)
         for relay in alloc.relays.values():
             self.relays_by_addr.pop(relay.address, None)
             self.relays_by_addr.pop(relay.advertised, None)
-            self.pools[relay.address[0]].give(relay.address[1])
+            self._release(relay)
+        self.wheel.cancel(alloc)
         alloc.expires = float("-inf")  # the hot path stops at once
         return AllocationDeleted(alloc)
 
     def _refresh(self, msg, alloc, now) -> list:
         fam = msg.get(c.REQUESTED_ADDRESS_FAMILY)
         if fam is not None and (4 if fam == c.FAMILY_IPV4 else 6) not in alloc.relays:
-            raise StunError(c.PEER_ADDRESS_FAMILY_MISMATCH)
+            raise StunError(c.PEER_ADDRESS_FAMILY_MISMATCH)  # RFC 8656 §7.3
         if msg.get(c.LIFETIME) == 0:
             deleted = self._delete(alloc)
             self.count("allocations_deleted")
             return [deleted, Reply(self._signed(msg, alloc.key, alloc.integrity, [(c.LIFETIME, 0)]))]
         lifetime = self._lifetime(msg)
         alloc.expires = now + lifetime
+        self._wake_by(alloc, alloc.expires)
         return [Reply(self._signed(msg, alloc.key, alloc.integrity, [(c.LIFETIME, lifetime)]))]
 
     def peer_allowed(self, ip: str, port: int | None) -> bool:
@@ -458,7 +618,20 @@ class TurnServer:
             raise StunError(c.PEER_ADDRESS_FAMILY_MISMATCH)
         return relay
 
+    def _permit(self, alloc: Allocation, ips: set[str], now: float) -> None:
+        """Install or refresh permissions; 508 when that would pass the cap (RFC 8656 §9.2,
+        §11.2: the server could not install them)."""
+        new = len(ips - alloc.permissions.keys())
+        if len(alloc.permissions) + new > self.config.permissions_per_allocation:
+            self.count("permissions_capped")
+            raise StunError(c.INSUFFICIENT_CAPACITY, "Too many permissions")
+        expires = now + self.config.permission_lifetime
+        for ip in ips:
+            alloc.permissions[ip] = expires
+        self._wake_by(alloc, expires)
+
     def _create_permission(self, msg, alloc, now) -> list:
+        # RFC 8656 §9.2.
         peers = msg.get_all(c.XOR_PEER_ADDRESS)
         if not peers:
             raise StunError(c.BAD_REQUEST, "Missing XOR-PEER-ADDRESS")
@@ -467,11 +640,11 @@ class TurnServer:
             if not self.peer_allowed(peer[0], None):
                 self.count("peers_denied")
                 raise StunError(c.FORBIDDEN)
-        for peer in peers:
-            alloc.permissions[peer[0]] = now + self.config.permission_lifetime
+        self._permit(alloc, {peer[0] for peer in peers}, now)
         return [Reply(self._signed(msg, alloc.key, alloc.integrity, []))]
 
     def _channel_bind(self, msg, alloc, now) -> list:
+        # RFC 8656 §11.2.
         number, peer = msg.get(c.CHANNEL_NUMBER), msg.get(c.XOR_PEER_ADDRESS)
         if number is None or peer is None:
             raise StunError(c.BAD_REQUEST, "Missing CHANNEL-NUMBER or XOR-PEER-ADDRESS")
@@ -490,6 +663,7 @@ class TurnServer:
         for cooling, (cooling_peer, until) in alloc.cooldown.items():
             if until >= now and (cooling == number) != (cooling_peer == peer):
                 raise StunError(c.BAD_REQUEST, "Channel or peer was bound differently until recently")
+        self._permit(alloc, {peer[0]}, now)  # a channel binding installs a permission too
         alloc.cooldown.pop(number, None)
         expires = now + self.config.channel_lifetime
         if existing is not None:
@@ -498,7 +672,6 @@ class TurnServer:
             ch = Channel(number, peer, relay, expires, peer[0] in self.own_ips)
             alloc.channels[number] = ch
             alloc.peer_channels[peer] = ch
-        alloc.permissions[peer[0]] = now + self.config.permission_lifetime
         return [Reply(self._signed(msg, alloc.key, alloc.integrity, []))]
 
     # --- indications -------------------------------------------------------------------
