@@ -238,3 +238,109 @@ async def test_permissions_per_allocation_are_capped(nursery):
         await binding_still_answered(running)
     [alloc] = running.core.allocations.values()
     assert len(alloc.permissions) == 10
+
+
+# --- 10: Data indications carry random transaction IDs --------------------------------------
+
+async def test_every_data_indication_has_its_own_random_transaction_id(nursery):
+    running = await nursery.start(serve, turn_config())
+    with trio.fail_after(10):
+        turn = await UdpTurn.connect(running.udp[0])
+        await turn.allocate([(c.ADDITIONAL_ADDRESS_FAMILY, 2)])
+        relays = {}
+        for host in ("127.0.0.1", "::1"):
+            peer = await udp_client(host)
+            await turn.permit(peer.getsockname()[:2])
+            relays[host] = peer
+        [alloc] = running.core.allocations.values()
+        seen = set()
+        for host, peer in relays.items():
+            relayed = alloc.relays[6 if ":" in host else 4].address
+            for i in range(20):
+                await peer.sendto(b"m%d" % i, relayed)
+                msg = decode_untrusted(await turn.recv())
+                # The XOR-PEER-ADDRESS of an IPv6 peer depends on the ID: still right.
+                assert msg.get(c.XOR_PEER_ADDRESS) == peer.getsockname()[:2]
+                assert msg.get(c.DATA_ATTR) == b"m%d" % i
+                seen.add(msg.transaction_id)
+    assert len(seen) == 40
+
+
+# --- every transport: a failing core drops that packet or connection, nothing more ----------
+
+async def test_a_failing_core_on_tcp_closes_that_connection_only(nursery):
+    running = await nursery.start(serve, turn_config())
+    real = running.core.handle_untrusted
+
+    def broken(data, ft, now):
+        if ft.transport == "tcp":
+            raise RuntimeError("simulated bug")
+        return real(data, ft, now)
+
+    running.core.handle_untrusted = broken
+    with trio.fail_after(10):
+        stream = await trio.open_tcp_stream(*running.tcp[0])
+        await stream.send_all(binding_request()[1])
+        assert await stream.receive_some(100) == b""  # that connection is closed
+        running.core.handle_untrusted = real
+        await binding_still_answered(running)
+    assert running.shell.internal_errors == 1
+
+
+async def test_a_failing_relay_path_drops_that_datagram_only(nursery, monkeypatch):
+    import turnd.relay
+    running = await nursery.start(serve, turn_config())
+    with trio.fail_after(10):
+        peer = await udp_client("127.0.0.1")
+        turn = await UdpTurn.connect(running.udp[0])
+        relayed = await turn.allocate()
+        await turn.permit(peer.getsockname())
+        real = turnd.relay.data_indication_header
+        monkeypatch.setattr(turnd.relay, "data_indication_header",
+                            lambda *a: (_ for _ in ()).throw(RuntimeError("simulated bug")))
+        await peer.sendto(b"lost", relayed)  # peer -> client: the relay loop's bug
+        await turn.sock.sendto(send_indication(turn.client, peer.getsockname(), b"to peer"),
+                               running.udp[0])
+        assert await peer.recvfrom(100) == (b"to peer", relayed)  # the listener still relays
+        monkeypatch.setattr(turnd.relay, "data_indication_header", real)
+        await peer.sendto(b"kept", relayed)
+        assert decode_untrusted(await turn.recv()).get(c.DATA_ATTR) == b"kept"
+        await binding_still_answered(running)
+    assert running.stats.internal_errors == 1
+
+
+async def test_a_failing_listener_path_drops_that_datagram_only(nursery, monkeypatch):
+    import turnd.relay
+    running = await nursery.start(serve, turn_config())
+    with trio.fail_after(10):
+        peer = await udp_client("127.0.0.1")
+        turn = await UdpTurn.connect(running.udp[0])
+        relayed = await turn.allocate()
+        await turn.bind(0x4000, peer.getsockname())
+        real = turnd.relay.send_indication_untrusted
+        monkeypatch.setattr(turnd.relay, "send_indication_untrusted",
+                            lambda *a: (_ for _ in ()).throw(RuntimeError("simulated bug")))
+        await turn.sock.sendto(send_indication(turn.client, peer.getsockname(), b"lost"),
+                               running.udp[0])
+        await turn.sock.sendto(channel_data(0x4000, b"kept"), running.udp[0])
+        assert await peer.recvfrom(100) == (b"kept", relayed)
+        monkeypatch.setattr(turnd.relay, "send_indication_untrusted", real)
+        await binding_still_answered(running)
+    assert running.stats.internal_errors == 1
+
+
+async def test_a_failing_sweep_is_counted_and_the_next_one_runs(nursery, autojump_clock):
+    running = await nursery.start(serve, turn_config())
+    calls = []
+    real = running.core.expire
+
+    def flaky(now, budget=1000):
+        calls.append(now)
+        if len(calls) == 1:
+            raise RuntimeError("simulated bug")
+        return real(now, budget)
+
+    running.core.expire = flaky
+    await trio.sleep(3.5)
+    assert len(calls) >= 3
+    assert running.shell.internal_errors == 1
