@@ -79,7 +79,8 @@ def send_indications(draw):
         body += tlv(c.FINGERPRINT, crc.to_bytes(4, "big"))
     length = len(body) + draw(st.sampled_from([0, 0, 0, 0, 4, -4, 1]))
     cookie = draw(st.sampled_from([c.MAGIC_COOKIE] * 6 + [0]))
-    data = struct.pack("!HHI", 0x0016, length & 0xFFFF, cookie) + tid + body
+    kind = draw(st.sampled_from([0x0016] * 8 + [0x4116, 0x0116, 0x0006, 0x0017, 0x0011]))
+    data = struct.pack("!HHI", kind, length & 0xFFFF, cookie) + tid + body
     return data[:draw(st.integers(0, len(data)))] if draw(st.integers(0, 9)) == 0 else data
 
 
@@ -147,6 +148,17 @@ def test_what_the_fast_path_refuses_goes_to_the_slow_path():
         raise AssertionError("the codec accepted DONT-FRAGMENT with a value")
     except StunDecodeError:
         pass
+
+
+def test_the_parser_itself_refuses_other_message_types():
+    """Found by the fuzzer (tests/fuzz/fuzz.py fastpath): the parser relied on its caller
+    to check the message type; a message of type 0x4116 parsed as a Send indication."""
+    data = bytes.fromhex(
+        "411600242112a4428e40ceab4cdf4d4d680f4784001200140002212707"
+        "14e4428eabc04d4cce49df680f478500130005 6d65606961000000".replace(" ", ""))
+    assert send_indication_untrusted(memoryview(data), len(data)) is None
+    fixed = b"\x00" + data[1:]
+    assert send_indication_untrusted(memoryview(fixed), len(fixed)) is not None
 
 
 @settings(max_examples=1000)

@@ -196,7 +196,8 @@ def send_indication_untrusted(view, n: int):
     relay: exactly one well-formed XOR-PEER-ADDRESS, exactly one DATA, at most one
     empty DONT-FRAGMENT, and nothing else.  Any other message is the slow path's
     to judge (tests/test_fast_path.py holds the two to agreement)."""
-    if n < 20 or (view[2] << 8 | view[3]) + 20 != n or view[4:8] != _COOKIE_BYTES:
+    if (n < 20 or view[0] or view[1] != 0x16 or (view[2] << 8 | view[3]) + 20 != n
+            or view[4:8] != _COOKIE_BYTES):
         return None
     pos, peer, data, dont_fragment = 20, None, None, False
     while pos + 4 <= n:
@@ -285,7 +286,7 @@ async def listener_loop(sock: socket.socket, clients: dict, forwarder: Forwarder
                     except OSError:
                         stats.send_dropped += 1
                     continue
-                if first == 0 and buf[1] == 0x16:  # a Send indication
+                if first == 0:  # a Send indication? (the parser checks the type)
                     alloc = clients.get(addr)
                     found = send_indication_untrusted(view, n) if alloc is not None else None
                     if found is not None:
