@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import os
 import random
+import struct
 
 from turnd.auth import AnyOf, RestSecrets, StaticUsers
 from turnd.stun import Message
 from turnd.stun import constants as c
+from turnd.stun.attributes import encode_value
 from turnd.turn.policy import PeerPolicy
 from turnd.turn.protocol import BindFailed, FiveTuple, PortBusy, ProtocolConfig, Reply, TurnServer
 
@@ -113,3 +116,30 @@ def count_calls(fn) -> int:
     finally:
         sys.setprofile(None)
     return n
+
+
+# --- requests built to cost the most before authentication ----------------------
+
+def tlv(t, v):
+    return struct.pack("!HH", t, len(v)) + v + b"\0" * (-len(v) % 4)
+
+
+def worst_requests():
+    """Unauthenticated 64 KiB requests built to cost the most."""
+    tid = os.urandom(12)
+    xor6 = encode_value(c.XOR_PEER_ADDRESS, ("2001:db8::1", 1), tid)
+    algs = b"".join(struct.pack("!HH", 1, 0) for _ in range(16))
+    bodies = {
+        "unknown types": b"".join(tlv(0x0100 + i, b"") for i in range(16000)),
+        "peer addresses": b"".join(tlv(c.XOR_PEER_ADDRESS, xor6) for _ in range(2700)),
+        "64 peer addresses": b"".join(tlv(c.XOR_PEER_ADDRESS, xor6) for _ in range(64)),
+        "unknown attributes list": tlv(c.UNKNOWN_ATTRIBUTES, b"\x7f\xff" * 32000),
+        "password algorithms": b"".join(tlv(c.PASSWORD_ALGORITHMS, algs) for _ in range(64)),
+        "data": tlv(c.DATA_ATTR, b"\0" * 65000),
+        "usernames": b"".join(tlv(c.USERNAME, b"u" * 512) for _ in range(64)),
+    }
+    out = {}
+    for name, body in bodies.items():
+        body = body[:65532 - 8]
+        out[name] = struct.pack("!HHI", 0x0003, len(body), c.MAGIC_COOKIE) + tid + body
+    return out

@@ -20,6 +20,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from tests.core_harness import tlv, worst_requests  # noqa: E402
 from turnd.stun import Message, encode  # noqa: E402
 from turnd.stun import constants as c  # noqa: E402
 from turnd.stun.attributes import encode_value  # noqa: E402
@@ -29,10 +30,6 @@ COOKIE = struct.pack("!I", c.MAGIC_COOKIE)
 
 def header(kind: int, body: bytes) -> bytes:
     return struct.pack("!HH", kind, len(body)) + COOKIE + os.urandom(12) + body
-
-
-def tlv(t: int, v: bytes) -> bytes:
-    return struct.pack("!HH", t, len(v)) + v + b"\0" * (-len(v) % 4)
 
 
 def learn_nonce(sock: socket.socket, server) -> tuple[str, str]:
@@ -56,11 +53,12 @@ def messages(realm: str, nonce: str) -> dict:
         (c.NONCE, nonce)]), key=b"k" * 16)
     bad_fp = bytearray(encode(Message(c.BINDING, c.REQUEST, os.urandom(12)), fingerprint=True))
     bad_fp[-1] ^= 1
+    worst = worst_requests()
     return {
         "garbage": lambda: os.urandom(random.randint(1, 1500)),
         "huge_garbage": lambda: os.urandom(65507),
-        "unknown_attrs_64k": lambda: header(0x0001, b"".join(tlv(0x0100 + i, b"") for i in range(16000))),
-        "peers_64k": lambda: header(0x0003, tlv(c.XOR_PEER_ADDRESS, xor6) * 2700),
+        "unknown_attrs_64k": lambda: worst["unknown types"],
+        "peers_64k": lambda: worst["peer addresses"],
         "unauthenticated": lambda: unauth,
         "bad_login": lambda: bad_login,
         "malformed": lambda: header(0x0001, tlv(c.XOR_MAPPED_ADDRESS, b"")),

@@ -18,3 +18,14 @@ def test_relay_bench_smoke():
     assert cells[1] == "100" and cells[2] == "200"
     assert int(cells[3]) < 100  # packets came back through the relay
     assert float(cells[4]) >= 0  # CPU us per packet (100 packets may round to 0 ticks)
+
+
+def test_worst_request_bench_smoke():
+    result = subprocess.run([sys.executable, os.path.join(ROOT, "bench", "worst_request.py"),
+                             "--repeat", "2"], capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert result.returncode == 0, result.stderr
+    rows = [line for line in result.stdout.splitlines() if line.startswith("| ") and "---" not in line]
+    assert len(rows) == 9, result.stdout  # the header and eight requests
+    answers = [row.strip("|").split("|")[3].strip() for row in rows[1:]]
+    assert answers[0].startswith("401")
+    assert all(a.startswith(("400", "401", "dropped")) for a in answers), answers

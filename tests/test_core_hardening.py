@@ -14,7 +14,7 @@ from turnd.stun import constants as c
 from turnd.stun.attributes import encode_value
 from turnd.turn.protocol import AllocationDeleted, SWEEP_BUDGET
 
-from .core_harness import Harness, count_calls, error_code
+from .core_harness import Harness, count_calls, error_code, tlv, worst_requests
 from .turn_client import TurnClient
 
 PEER = ("8.8.8.8", 5000)
@@ -216,31 +216,6 @@ def test_the_wheel_does_not_grow_with_churn():
 
 # --- bounded work before authentication ------------------------------------------------
 
-def _tlv(t, v):
-    return struct.pack("!HH", t, len(v)) + v + b"\0" * (-len(v) % 4)
-
-
-def worst_requests():
-    """Unauthenticated 64 KiB requests built to cost the most."""
-    tid = os.urandom(12)
-    xor6 = encode_value(c.XOR_PEER_ADDRESS, ("2001:db8::1", 1), tid)
-    algs = b"".join(struct.pack("!HH", 1, 0) for _ in range(16))
-    bodies = {
-        "unknown types": b"".join(_tlv(0x0100 + i, b"") for i in range(16000)),
-        "peer addresses": b"".join(_tlv(c.XOR_PEER_ADDRESS, xor6) for _ in range(2700)),
-        "64 peer addresses": b"".join(_tlv(c.XOR_PEER_ADDRESS, xor6) for _ in range(64)),
-        "unknown attributes list": _tlv(c.UNKNOWN_ATTRIBUTES, b"\x7f\xff" * 32000),
-        "password algorithms": b"".join(_tlv(c.PASSWORD_ALGORITHMS, algs) for _ in range(64)),
-        "data": _tlv(c.DATA_ATTR, b"\0" * 65000),
-        "usernames": b"".join(_tlv(c.USERNAME, b"u" * 512) for _ in range(64)),
-    }
-    out = {}
-    for name, body in bodies.items():
-        body = body[:65532 - 8]
-        out[name] = struct.pack("!HHI", 0x0003, len(body), c.MAGIC_COOKIE) + tid + body
-    return out
-
-
 def test_the_worst_unauthenticated_requests_do_bounded_work():
     h = Harness(unauth_rate=1e9)
     ft = h.five_tuple()
@@ -261,7 +236,7 @@ def test_the_worst_unauthenticated_requests_do_bounded_work():
 def test_any_unauthenticated_request_does_bounded_work(tlvs):
     h = Harness(unauth_rate=1e9)
     ft = h.five_tuple()
-    body = b"".join(_tlv(t, bytes([t & 0xFF, 1]) * (n // 2)) for t, n in tlvs)[:65500]
+    body = b"".join(tlv(t, bytes([t & 0xFF, 1]) * (n // 2)) for t, n in tlvs)[:65500]
     body += b"\0" * (-len(body) % 4)
     data = struct.pack("!HHI", 0x0003, len(body), c.MAGIC_COOKIE) + os.urandom(12) + body
     work = count_calls(lambda: h.send(data, ft))
