@@ -215,6 +215,7 @@ async def test_tcp_slowloris_is_closed_at_the_first_message_deadline(nursery):
             got = b""
         assert got == b""
         assert trio.current_time() - start < 5
+        await binding_still_answered(running)
     assert running.tcp_stats["closed_idle"] == 1
 
 

@@ -241,10 +241,15 @@ class Shell:
         ip = addr[0]
         if self.tcp_stats["open"] >= limits.tcp_connections:
             self.tcp_stats["refused_total"] += 1
+            self.log_limited("tcp_total", logging.WARNING, "TCP connection refused: "
+                             "limits.tcp_connections (%d) are open", limits.tcp_connections)
             conn.close()
             return
         if self.tcp_per_ip.get(ip, 0) >= limits.tcp_connections_per_ip:
             self.tcp_stats["refused_per_ip"] += 1
+            self.log_limited("tcp_per_ip", logging.WARNING, "TCP connection refused: a client "
+                             "IP has limits.tcp_connections_per_ip (%d) open",
+                             limits.tcp_connections_per_ip)
             conn.close()
             return
         self.tcp_stats["connections"] += 1

@@ -28,7 +28,6 @@ from __future__ import annotations
 import argparse
 import collections
 import errno
-import functools
 import logging
 import os
 import re
