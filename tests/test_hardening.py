@@ -16,7 +16,7 @@ from turnd.server import serve
 from turnd.stun import Message, decode_untrusted, encode
 from turnd.stun import constants as c
 
-from .helpers import UdpTurn, binding_request, recv_or_none, turn_config, udp_client
+from .helpers import UdpTurn, binding_request, recv_or_none, turn_config, udp_client, udp_exchange
 from .turn_client import channel_data, send_indication
 
 
@@ -345,3 +345,99 @@ async def test_a_failing_sweep_is_counted_and_the_next_one_runs(nursery, autojum
     await trio.sleep(3.5)
     assert len(calls) >= 3
     assert running.shell.internal_errors == 1
+
+
+# --- found in the hostile review ------------------------------------------------------------
+
+async def test_thousands_of_tiny_tcp_frames_in_one_write_do_not_starve_udp(nursery):
+    """One write of 4,000 Binding indications (no answer each) used to be handled without a
+    pause: 20 ms and more during which nothing else ran.  Now each frame takes its turn."""
+    running = await nursery.start(serve, turn_config())
+    indication = encode(Message(c.BINDING, c.INDICATION, os.urandom(12)))
+    with trio.fail_after(10):
+        stream = await trio.open_tcp_stream(*running.tcp[0])
+        sock = await udp_client("127.0.0.1")
+        await stream.send_all(indication * 3200)  # 64,000 bytes: one read for turnd
+        while running.core.stats.get("indications_ignored", 0) == 0:
+            await trio.sleep(0)  # turnd has begun on them
+        msg, data = binding_request()
+        await sock.sendto(data, running.udp[0])
+        reply, _ = await sock.recvfrom(2048)
+        handled = running.core.stats["indications_ignored"]
+        assert decode_untrusted(reply).transaction_id == msg.transaction_id
+        assert handled < 1000, handled  # answered long before the TCP batch was through
+        await stream.aclose()
+
+
+async def test_a_held_tcp_connection_buffers_one_frame_not_two(nursery):
+    """Found in review: a connection mid-frame kept its last read besides the framer's
+    copy (134 KiB each); one largest frame is the documented cap."""
+    import gc
+    import tracemalloc
+    running = await nursery.start(serve, turn_config())
+    frame = struct.pack("!HHI", 0x0001, 65532, c.MAGIC_COOKIE) + os.urandom(12) + b"\0" * 65532
+    with trio.fail_after(20):
+        gc.collect()
+        tracemalloc.start()
+        try:
+            before = tracemalloc.get_traced_memory()[0]
+            streams = []
+            for _ in range(20):
+                stream = await trio.open_tcp_stream(*running.tcp[0])
+                await stream.send_all(frame[:-1])  # all but the last byte
+                streams.append(stream)
+            while running.tcp_stats["open"] < 20:
+                await trio.sleep(0.01)
+            await trio.sleep(0.3)  # turnd has read what there is
+            per_connection = (tracemalloc.get_traced_memory()[0] - before) / 20
+        finally:
+            tracemalloc.stop()
+        for stream in streams:
+            await stream.aclose()
+    assert per_connection < 80 * 1024, per_connection
+
+
+async def test_tcp_connections_never_take_the_descriptors_relays_need(tmp_path):
+    """Found in review: under a low open-files limit, idle TCP connections took every
+    descriptor and Allocates got 508 with the port range free."""
+    import subprocess
+    import sys
+    port = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    port.bind(("127.0.0.1", 0))
+    udp_port = port.getsockname()[1]
+    port.close()
+    conf = tmp_path / "turnd.toml"
+    conf.write_text(f'[server]\nlisten = ["127.0.0.1:{udp_port}"]\nrealm = "turnd.test"\n'
+                    f'[auth]\nusers = {{ alice = "alicepw" }}\n[relay]\nports = "46000-46099"\n')
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "turnd", "serve", "--config", str(conf)],
+        preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (400, 400)),
+        stderr=subprocess.PIPE, text=True)
+    held = []
+    try:
+        with trio.fail_after(30):
+            server = ("127.0.0.1", udp_port)
+            sock = await udp_client("127.0.0.1")
+            while not await udp_exchange(sock, binding_request()[1], server, 0.2):
+                pass  # until it answers
+            for i in range(500):  # more than 400 - 100 relay sockets - the reserve
+                s = socket.socket()
+                s.bind((f"127.0.0.{2 + i // 200}", 0))
+                s.setblocking(False)
+                try:
+                    s.connect(("127.0.0.1", udp_port))
+                except BlockingIOError:
+                    pass
+                held.append(s)
+            await trio.sleep(0.5)
+            relayed = set()
+            for _ in range(20):
+                turn = await UdpTurn.connect(server)
+                relayed.add(await turn.allocate())
+            assert len(relayed) == 20
+    finally:
+        for s in held:
+            s.close()
+        proc.terminate()
+        err = proc.communicate(timeout=10)[1]
+    assert "TCP connections capped at" in err, err

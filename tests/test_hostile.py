@@ -54,7 +54,7 @@ async def test_calls_lose_nothing_while_a_hostile_process_floods(nursery):
         server=ServerConfig(listen=(Endpoint("127.0.0.1", 0),), realm="turnd.test"),
         auth=AuthConfig(users=USERS, secrets=("rest-secret",)),
         relay=RelayConfig(ports=(44000, 44099)), peers=PeersConfig(),  # default peer policy
-        limits=LimitsConfig(tcp_connections_per_ip=20))
+        limits=LimitsConfig(tcp_connections_per_ip=20, unauthenticated_rate=20))
     running = await nursery.start(serve, config)
     server = running.udp[0]
     with trio.fail_after(60):

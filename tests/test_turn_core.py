@@ -260,6 +260,19 @@ def test_even_port_without_reservation_never_leaks_ports(h):
     assert sum(h.server.free_ports().values()) == free
 
 
+def test_even_port_without_reservation_needs_no_free_neighbour():
+    """Found by an operator: R=0 asks for an even port only (RFC 8656 §7.2), yet turnd
+    wanted port+1 free too and answered 508."""
+    h = Harness(port_range=(50000, 50003))
+    pool = h.server.pools[RELAY4]
+    pool.take(50001)
+    pool.take(50003)  # the odd ports are in use
+    resp = h.allocate(alice(), h.five_tuple(), [(c.REQUESTED_TRANSPORT, 17), (c.EVEN_PORT, False)])
+    assert resp.get(c.XOR_RELAYED_ADDRESS)[1] in (50000, 50002)
+    assert error_code(h.allocate(alice(), h.five_tuple(port=2),
+                                 [(c.REQUESTED_TRANSPORT, 17), (c.EVEN_PORT, True)])) == 508
+
+
 def test_address_families(h):
     client = alice()
     v6 = h.allocate(client, h.five_tuple(port=1), [(c.REQUESTED_TRANSPORT, 17),
@@ -455,7 +468,8 @@ def test_invalid_utf8_username_gets_400(h):
     assert error_code(decode_untrusted(h.replies(h.send(data, h.five_tuple()))[0])) == 400
 
 
-def test_401_responses_are_rate_limited_per_source_ip(h):
+def test_401_responses_are_rate_limited_per_source_ip():
+    h = Harness(unauth_rate=20)
     client = alice()
     answered = 0
     for i in range(200):
@@ -468,6 +482,12 @@ def test_401_responses_are_rate_limited_per_source_ip(h):
     assert h.replies(h.send(data, h.five_tuple(ip="203.0.113.99")))
     h.now += 1
     assert h.replies(h.send(data, h.five_tuple()))
+
+
+def test_no_rate_limit_with_rate_zero():
+    h = Harness(unauth_rate=0)
+    _, data = alice().request(c.ALLOCATE, [(c.REQUESTED_TRANSPORT, 17)], auth=False)
+    assert all(h.replies(h.send(data, h.five_tuple(port=i))) for i in range(2000))
 
 
 def test_unauthenticated_flood_keeps_no_state():

@@ -69,8 +69,11 @@ class PeersConfig:
 class LimitsConfig:
     user_quota: int = 0
     total_quota: int = 0
+    ip_quota: int = 1000
     max_lifetime: int = 3600
     permissions_per_allocation: int = 64
+    channels_per_allocation: int = 64
+    unauthenticated_rate: int = 200
     max_attributes: int = 64
     tcp_connections: int = 4096
     tcp_connections_per_ip: int = 256
@@ -123,6 +126,14 @@ def parse_endpoint(text: str, key: str, *, allow_port_zero: bool = False) -> End
     if not (0 if allow_port_zero else 1) <= port <= 65535:
         raise fail("port must be 1-65535")
     return Endpoint(str(ip), port)
+
+
+def _key_part(name: str) -> str:
+    """A TOML key as it would be written in a dotted key: bare when it can be, else quoted
+    ("10.0.0.5" holds dots, so it must be quoted to be read back)."""
+    if name and all(ch.isascii() and (ch.isalnum() or ch in "-_") for ch in name):
+        return name
+    return '"' + name.replace("\\", "\\\\").replace('"', '\\"') + '"'
 
 
 def _tname(value: Any) -> str:
@@ -245,7 +256,7 @@ def _parse_auth(raw: Any) -> AuthConfig:
     users = s.get("users", dict, {})
     parsed = []
     for user, secret in users.items():
-        key = f"auth.users.{user}"
+        key = f"auth.users.{_key_part(user)}"
         if not user or len(user.encode()) > 512 or any(ord(ch) < 0x20 for ch in user):
             raise ConfigError(key, "user names must be 1-512 bytes without control characters")
         parsed.append((user, _user_secret(secret, key)))
@@ -278,7 +289,7 @@ def _parse_relay(raw: Any) -> RelayConfig:
         raise ConfigError("relay.addresses", "at most one IPv4 and one IPv6 address")
     external = []
     for internal, public in s.get("external", dict, {}).items():
-        key = f"relay.external.{internal}"
+        key = f"relay.external.{_key_part(internal)}"
         internal_ip = _ip(internal, key)
         public_ip = _ip(public, key)
         if ipaddress.ip_address(internal_ip).version != ipaddress.ip_address(public_ip).version:
@@ -312,9 +323,12 @@ def _parse_limits(raw: Any) -> LimitsConfig:
     s = _Section(raw, "limits")
     d = LimitsConfig()
     s.check_unknown({f.name for f in attrs.fields(LimitsConfig)})
-    return LimitsConfig(
+    limits = LimitsConfig(
         user_quota=_int(s, "user_quota", 0, 0, 10**6),
         total_quota=_int(s, "total_quota", 0, 0, 10**6),
+        ip_quota=_int(s, "ip_quota", d.ip_quota, 0, 10**6),
+        channels_per_allocation=_int(s, "channels_per_allocation", d.channels_per_allocation, 1, 4096),
+        unauthenticated_rate=_int(s, "unauthenticated_rate", d.unauthenticated_rate, 0, 10**6),
         max_lifetime=_int(s, "max_lifetime", 3600, 60, 3600),
         permissions_per_allocation=_int(s, "permissions_per_allocation",
                                         d.permissions_per_allocation, 1, 10000),
@@ -324,6 +338,11 @@ def _parse_limits(raw: Any) -> LimitsConfig:
         tcp_first_message_timeout=_int(s, "tcp_first_message_timeout",
                                        d.tcp_first_message_timeout, 1, 300),
         tcp_idle_timeout=_int(s, "tcp_idle_timeout", d.tcp_idle_timeout, 10, 86400))
+    if limits.tcp_connections_per_ip > limits.tcp_connections:
+        raise ConfigError("limits.tcp_connections_per_ip",
+                          f"{limits.tcp_connections_per_ip}: must not exceed limits.tcp_connections "
+                          f"({limits.tcp_connections})")
+    return limits
 
 
 SECTIONS = {"server": _parse_server, "auth": _parse_auth, "relay": _parse_relay,
@@ -344,7 +363,8 @@ def parse_config(data: dict[str, Any]) -> Config:
             raise ConfigError("relay.addresses", "needed when server.listen uses 0.0.0.0 or [::]")
     for internal, _ in config.relay.external:
         if internal not in listen_ips and internal not in config.relay_addresses():
-            raise ConfigError(f"relay.external.{internal}", "is neither a listen nor a relay address")
+            raise ConfigError(f"relay.external.{_key_part(internal)}",
+                              "is neither a listen nor a relay address")
     return config
 
 

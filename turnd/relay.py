@@ -123,7 +123,7 @@ class Forwarder:
     def __init__(self, core, stats: RelayStats):
         self.relays_by_addr = core.relays_by_addr  # the core's live dict
         self.own_ips = core.own_ips
-        self.listen_set = core.listen_set
+        self.is_listen_endpoint = core.is_listen_endpoint
         # Sources on turnd's own addresses are never peers unless explicitly allowed:
         # relay-to-relay traffic is delivered internally and never arrives on a socket.
         self.blocked_sources = frozenset(
@@ -139,7 +139,7 @@ class Forwarder:
                 self.stats.internal += 1
                 self.to_client(target, src, bytes(data), now)
                 return
-            if peer in self.listen_set or peer[0] in self.blocked_sources:
+            if self.is_listen_endpoint(*peer) or peer[0] in self.blocked_sources:
                 self.stats.dropped_own_address += 1
                 return
         try:

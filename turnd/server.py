@@ -25,17 +25,19 @@ import trio
 from . import relay
 from .auth import AnyOf, RestSecrets, StaticUsers
 from .config import Config
-from .sockets import local_address, open_relay_socket, open_socket
+from .sockets import host_addresses, local_address, open_relay_socket, open_socket
 from .stun.errors import StunDecodeError
 from .stun.framing import StreamFramer
 from .turn.policy import PeerPolicy
 from .turn.protocol import (AllocationCreated, AllocationDeleted, BindFailed, FiveTuple,
-                            PortBusy, ProtocolConfig, Reply, SendToPeer, TurnServer)
+                            PortBusy, ProtocolConfig, Refused, Reply, SendToPeer, TurnServer,
+                            client_key)
 
 log = logging.getLogger("turnd")
 
 SWEEP_INTERVAL = 1.0  # frees ports and sockets; the hot path checks expiry itself
 ACCEPT_BATCH = 64
+FILES_RESERVED = 128  # file descriptors kept for listen sockets, logs, the event loop
 # accept() errors that mean "out of resources for now": wait a little, don't spin.
 _ACCEPT_CAPACITY_ERRNOS = {errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM}
 # bind() errors that mean the port is someone else's: try another port, retry this later.
@@ -115,8 +117,10 @@ def make_core(config: Config, listen: tuple = (), binder=None) -> TurnServer:
         max_lifetime=limits.max_lifetime, nonce_lifetime=config.auth.nonce_lifetime,
         user_quota=limits.user_quota, total_quota=limits.total_quota,
         channel_max=0x7FFF if config.relay.legacy_channel_numbers else 0x4FFF,
-        max_attributes=limits.max_attributes,
-        permissions_per_allocation=limits.permissions_per_allocation)
+        max_attributes=limits.max_attributes, ip_quota=limits.ip_quota,
+        permissions_per_allocation=limits.permissions_per_allocation,
+        channels_per_allocation=limits.channels_per_allocation,
+        unauth_rate=limits.unauthenticated_rate, host_addresses=host_addresses())
     return TurnServer(pconfig, credentials=credentials,
                       policy=PeerPolicy(config.peers.allow, config.peers.deny),
                       binder=binder, nonce_secret=secrets.token_bytes(32))
@@ -132,7 +136,8 @@ class Shell:
         self.tcp_stats = {"connections": 0, "open": 0, "closed_not_stun": 0, "closed_idle": 0,
                           "closed_reset": 0, "refused_per_ip": 0, "refused_total": 0,
                           "accept_errors": 0}
-        self.tcp_per_ip: dict[str, int] = {}
+        self.tcp_per_ip: dict[str, int] = {}  # by client_key: IPv4 address, IPv6 /64
+        self.tcp_cap = tcp_cap(config)
         # UDP listen socket address -> {client (ip, port): allocation}
         self.udp_clients: dict[tuple, dict] = {}
         self.relay_scopes: dict[int, list[trio.CancelScope]] = {}
@@ -163,6 +168,9 @@ class Shell:
                 self._start_relaying(action.alloc, sock, addr)
             elif isinstance(action, AllocationDeleted):
                 self._stop_relaying(action.alloc)
+            elif isinstance(action, Refused):
+                self.log_limited(f"refused {action.kind}", logging.WARNING, "refused with %d: %s",
+                                 action.code, action.note)
 
     def _start_relaying(self, alloc, sock, addr) -> None:
         alloc.client_handle = (sock, addr)
@@ -238,14 +246,15 @@ class Shell:
 
     def _admit(self, conn: socket.socket, addr, nursery: trio.Nursery) -> None:
         limits = self.config.limits
-        ip = addr[0]
-        if self.tcp_stats["open"] >= limits.tcp_connections:
+        key = client_key(addr[0])
+        if self.tcp_stats["open"] >= self.tcp_cap:
             self.tcp_stats["refused_total"] += 1
-            self.log_limited("tcp_total", logging.WARNING, "TCP connection refused: "
-                             "limits.tcp_connections (%d) are open", limits.tcp_connections)
+            self.log_limited("tcp_total", logging.WARNING, "TCP connection refused: %d are open "
+                             "(limits.tcp_connections, or what the open-files limit leaves)",
+                             self.tcp_cap)
             conn.close()
             return
-        if self.tcp_per_ip.get(ip, 0) >= limits.tcp_connections_per_ip:
+        if self.tcp_per_ip.get(key, 0) >= limits.tcp_connections_per_ip:
             self.tcp_stats["refused_per_ip"] += 1
             self.log_limited("tcp_per_ip", logging.WARNING, "TCP connection refused: a client "
                              "IP has limits.tcp_connections_per_ip (%d) open",
@@ -254,11 +263,11 @@ class Shell:
             return
         self.tcp_stats["connections"] += 1
         self.tcp_stats["open"] += 1
-        self.tcp_per_ip[ip] = self.tcp_per_ip.get(ip, 0) + 1
+        self.tcp_per_ip[key] = self.tcp_per_ip.get(key, 0) + 1
         conn.setblocking(False)
-        nursery.start_soon(self.tcp_connection, conn, (addr[0], addr[1]))
+        nursery.start_soon(self.tcp_connection, conn, (addr[0], addr[1]), key)
 
-    async def tcp_connection(self, conn: socket.socket, client: tuple) -> None:
+    async def tcp_connection(self, conn: socket.socket, client: tuple, key: str) -> None:
         try:
             await self._serve_stream(conn, client)
         except (OSError, trio.BrokenResourceError, trio.ClosedResourceError):
@@ -268,17 +277,19 @@ class Shell:
         finally:
             conn.close()
             self.tcp_stats["open"] -= 1
-            n = self.tcp_per_ip[client[0]] - 1
+            n = self.tcp_per_ip[key] - 1
             if n:
-                self.tcp_per_ip[client[0]] = n
+                self.tcp_per_ip[key] = n
             else:
-                del self.tcp_per_ip[client[0]]
+                del self.tcp_per_ip[key]
 
     async def _serve_stream(self, conn: socket.socket, client: tuple) -> None:
         """One TCP connection: framed STUN in, replies out.  It must complete its first
         message within ``tcp_first_message_timeout`` and then a message at least every
         ``tcp_idle_timeout`` seconds (bytes alone don't count: no slowloris); replies are
-        written under the same deadline; at most one largest frame is buffered."""
+        written under the same deadline; at most one largest frame is buffered, and every
+        frame is followed by a checkpoint, so a client that sends thousands of tiny frames in
+        one write takes its turn like everyone else."""
         limits = self.config.limits
         stream = trio.SocketStream(trio.socket.from_stdlib_socket(conn))
         ft = FiveTuple("tcp", client, local_address(conn))
@@ -290,6 +301,7 @@ class Shell:
                     return
                 try:
                     framer.feed(data)
+                    del data  # the framer holds the bytes now: keep one copy, not two
                     while (frame := framer.next_frame_untrusted()) is not None:
                         idle.deadline = trio.current_time() + limits.tcp_idle_timeout
                         for action in self.core.handle_untrusted(frame, ft, self.now()):
@@ -297,11 +309,27 @@ class Shell:
                                 await stream.send_all(action.data)
                             else:
                                 self.execute([action], None, None)
+                        await trio.lowlevel.checkpoint()
                 except StunDecodeError:
                     self.tcp_stats["closed_not_stun"] += 1
                     return
         if idle.cancelled_caught:
             self.tcp_stats["closed_idle"] += 1
+
+
+def relay_sockets_needed(config: Config) -> int:
+    low, high = config.relay.ports
+    return (high - low + 1) * len(config.relay_addresses())
+
+
+def tcp_cap(config: Config) -> int:
+    """limits.tcp_connections, or fewer when the open-files limit would otherwise let TCP
+    connections take the descriptors that relay sockets need (those come first)."""
+    files = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    if files == resource.RLIM_INFINITY:
+        return config.limits.tcp_connections
+    return max(16, min(config.limits.tcp_connections,
+                       files - relay_sockets_needed(config) - FILES_RESERVED))
 
 
 def raise_file_limit() -> int:
@@ -355,18 +383,28 @@ async def serve(config: Config, *, task_status=trio.TASK_STATUS_IGNORED) -> None
                 r.handle.close()
 
 
+def counters_line(running: Running) -> str:
+    """Every non-zero counter, one line (what was relayed, refused, dropped)."""
+    parts = {**running.stats.as_dict(), **running.core.stats,
+             **{f"tcp_{k}": v for k, v in running.tcp_stats.items()}}
+    return " ".join(f"{k}={v}" for k, v in sorted(parts.items()) if v) or "none"
+
+
 async def run(config: Config) -> None:
     """Serve until SIGINT or SIGTERM, then stop cleanly."""
     files = raise_file_limit()
-    low, high = config.relay.ports
-    needed = (high - low + 1) * len(config.relay_addresses()) + 64
-    if files < needed:
-        log.warning("only %d open files allowed (RLIMIT_NOFILE): fewer than the %d relay ports "
-                    "need; allocations past that get 508. Raise LimitNOFILE or ulimit -n.",
-                    files, needed - 64)
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
         async with trio.open_nursery() as nursery:
             running = await nursery.start(serve, config)
+            relays = relay_sockets_needed(config)
+            if files < relays + FILES_RESERVED:
+                log.warning("only %d open files allowed (RLIMIT_NOFILE): fewer than the %d relay "
+                            "ports need; allocations past that get 508. Raise LimitNOFILE or "
+                            "ulimit -n.", files, relays)
+            if running.shell.tcp_cap < config.limits.tcp_connections:
+                log.info("TCP connections capped at %d, below limits.tcp_connections (%d): "
+                            "of the %d open files allowed, %d are kept for relay sockets",
+                            running.shell.tcp_cap, config.limits.tcp_connections, files, relays)
             for transport, addrs in (("udp", running.udp), ("tcp", running.tcp)):
                 for host, port in addrs:
                     log.info("listening on %s %s", transport,
@@ -377,4 +415,4 @@ async def run(config: Config) -> None:
                 log.info("received %s, stopping", signal.Signals(signum).name)
                 break
             nursery.cancel_scope.cancel()
-    log.info("stopped")
+    log.info("stopped; counters: %s", counters_line(running))

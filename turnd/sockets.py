@@ -84,6 +84,34 @@ def open_relay_socket(host: str, port: int, dont_fragment: bool) -> socket.socke
     return _bound("relay", host, port, dont_fragment=dont_fragment)
 
 
+def host_addresses() -> tuple[str, ...]:
+    """Every IP address of this host (Linux: /proc/net/fib_trie's local /32s and
+    /proc/net/if_inet6), in the text recvfrom uses.  turnd counts them as its own: a
+    client may not relay to them (another service on the host, or turnd itself through a
+    wildcard listen) unless ``[peers] allow`` names them.  Empty where /proc can't tell."""
+    found: set[str] = set()
+    try:
+        with open("/proc/net/fib_trie") as f:
+            current = None
+            for line in f:
+                text = line.strip()
+                if text.startswith("|--"):
+                    current = text[3:].strip()
+                elif current and text.startswith("/32 host LOCAL"):
+                    found.add(current)
+    except OSError:
+        pass
+    try:
+        with open("/proc/net/if_inet6") as f:
+            for line in f:
+                fields = line.split()
+                if fields and len(fields[0]) == 32:
+                    found.add(socket.inet_ntop(socket.AF_INET6, bytes.fromhex(fields[0])))
+    except (OSError, ValueError):
+        pass
+    return tuple(sorted(found))
+
+
 def local_address(sock: socket.socket) -> tuple[str, int]:
     addr = sock.getsockname()
     return (addr[0], addr[1])

@@ -96,6 +96,12 @@ def format_ipv6(raw: bytes) -> str:
     return f"{head}::{tail}"
 
 
+def check_address(value: bytes) -> bool:
+    """Would ``_decode_address`` accept this value?  (The whole of its validation.)"""
+    n = len(value)
+    return n >= 4 and ((value[1] == c.FAMILY_IPV4 and n == 8) or (value[1] == c.FAMILY_IPV6 and n == 20))
+
+
 def _decode_address(value: bytes, xor_key: bytes | None) -> Address:
     if len(value) < 4:
         raise _bad("address attribute too short")
@@ -254,15 +260,20 @@ def _address_error_code():
     return decode, lambda v, tid: bytes((v.family, 0)) + _code_bytes(v.code, v.reason, tid)
 
 
+MAX_UNKNOWN_LISTED = 256  # more than any request we or anyone accept can carry
+
+
 def _unknown_attributes():
     def decode(value: bytes, tid: bytes) -> tuple[int, ...]:
         if len(value) % 2:
             raise _bad("UNKNOWN-ATTRIBUTES has odd length")
+        if len(value) > 2 * MAX_UNKNOWN_LISTED:
+            raise _bad("UNKNOWN-ATTRIBUTES lists too many types")
         return struct.unpack(f"!{len(value) // 2}H", value)
     return decode, lambda v, tid: b"".join(t.to_bytes(2, "big") for t in v)
 
 
-MAX_ALGORITHMS = 16  # two exist (RFC 8489 §18.5); a longer list is an attack, not a client
+MAX_ALGORITHMS = 8  # two exist (RFC 8489 §18.5); a longer list is an attack, not a client
 
 
 def _decode_algorithms(value: bytes) -> tuple[PasswordAlgorithm, ...]:

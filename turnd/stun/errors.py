@@ -2,7 +2,8 @@
 
 ``StunDecodeError`` is the only exception any ``*_untrusted`` function raises.
 ``StunError`` says what to answer: an error code plus any attributes the
-error response needs (UNKNOWN-ATTRIBUTES, REALM, NONCE, ...).
+error response needs (UNKNOWN-ATTRIBUTES, REALM, NONCE, ...), and, where an
+operator should hear of it, a ``note`` saying why.
 """
 
 from __future__ import annotations
@@ -36,8 +37,10 @@ class StunError(Exception):
     """An error response to send: ``code`` (300-699) and extra attributes."""
 
     def __init__(self, code: int, reason: str | None = None,
-                 attributes: list[tuple[int, object]] | None = None):
+                 attributes: list[tuple[int, object]] | None = None, *,
+                 note: tuple[str, str] | None = None):
         self.code = code
         self.reason = reason if reason is not None else REASONS.get(code, "Error")
         self.attributes = list(attributes or [])
+        self.note = note  # (kind, text) for the operator's log, never sent: why it was refused
         super().__init__(f"{code} {self.reason}")

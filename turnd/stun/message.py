@@ -6,10 +6,14 @@ import struct
 import zlib
 
 from . import constants as c
-from .attributes import CODECS, decode_value, encode_value
+from .attributes import CODECS, attribute_name, check_address, decode_value, encode_value
 from .errors import StunDecodeError
 
 _HEADER = struct.Struct("!HHI12s")
+# Known attributes that mean something more than once: the peers of a CreatePermission,
+# the two relayed addresses of a dual allocation.  Of any other known type only the first
+# occurrence is decoded (RFC 8489 §14).
+REPEATABLE = frozenset({c.XOR_PEER_ADDRESS, c.XOR_RELAYED_ADDRESS})
 _TLV = struct.Struct("!HH")
 
 
@@ -26,6 +30,17 @@ def message_type(method: int, cls: int) -> int:
             | ((cls & 1) << 4) | ((cls & 2) << 7))
 
 
+class _Deferred:
+    """An attribute value that was checked when the message was decoded (so a bad one was
+    a decode error then) but is built only when it is read: the addresses of a request
+    that never gets past authentication cost a length check, not an object."""
+
+    __slots__ = ("build", "value", "tid")
+
+    def __init__(self, build, value: bytes, tid: bytes):
+        self.build, self.value, self.tid = build, value, tid
+
+
 class Message:
     """A STUN message: method, class, transaction id and ordered attributes.
 
@@ -35,7 +50,7 @@ class Message:
     attributes, so integrity is verified over the bytes as received.
     """
 
-    __slots__ = ("method", "cls", "transaction_id", "attributes", "raw",
+    __slots__ = ("method", "cls", "transaction_id", "_attributes", "_deferred", "raw",
                  "integrity_offset", "integrity_sha256_offset", "fingerprint_offset",
                  "unknown_required", "ignored_after_integrity")
 
@@ -46,7 +61,8 @@ class Message:
         self.method = method
         self.cls = cls
         self.transaction_id = bytes(transaction_id)
-        self.attributes = list(attributes or [])
+        self._attributes = list(attributes or [])
+        self._deferred = 0  # how many values in _attributes are still _Deferred
         self.raw: bytes | None = None
         self.integrity_offset: int | None = None
         self.integrity_sha256_offset: int | None = None
@@ -54,18 +70,46 @@ class Message:
         self.unknown_required: tuple[int, ...] = ()
         self.ignored_after_integrity: tuple[int, ...] = ()
 
+    @property
+    def attributes(self) -> list[tuple[int, object]]:
+        if self._deferred:
+            for i, (t, v) in enumerate(self._attributes):
+                if type(v) is _Deferred:
+                    self._attributes[i] = (t, self._build(v))
+        return self._attributes
+
+    @attributes.setter
+    def attributes(self, value: list) -> None:
+        self._attributes, self._deferred = value, 0
+
+    def _build(self, v: _Deferred):
+        self._deferred -= 1
+        return v.build(v.value, v.tid)
+
     def get(self, attr_type: int, default=None):
         """The first value of ``attr_type``, or ``default``."""
-        for t, v in self.attributes:
+        attrs = self._attributes
+        for i, (t, v) in enumerate(attrs):
             if t == attr_type:
+                if type(v) is _Deferred:
+                    v = self._build(v)
+                    attrs[i] = (t, v)
                 return v
         return default
 
     def get_all(self, attr_type: int) -> list:
-        return [v for t, v in self.attributes if t == attr_type]
+        attrs = self._attributes
+        out = []
+        for i, (t, v) in enumerate(attrs):
+            if t == attr_type:
+                if type(v) is _Deferred:
+                    v = self._build(v)
+                    attrs[i] = (t, v)
+                out.append(v)
+        return out
 
     def __contains__(self, attr_type: int) -> bool:
-        return any(t == attr_type for t, _ in self.attributes)
+        return any(t == attr_type for t, _ in self._attributes)
 
     def __repr__(self) -> str:
         from .attributes import attribute_name
@@ -85,7 +129,9 @@ def decode_untrusted(data: bytes, max_attributes: int = c.MAX_ATTRIBUTES) -> Mes
     """Parse one STUN message from ``data`` (exactly one datagram or frame).
 
     Raises only ``StunDecodeError``, also for a message of more than
-    ``max_attributes`` attributes (work per message stays small and linear).  Attributes after MESSAGE-INTEGRITY other
+    ``max_attributes`` attributes (work per message stays small and linear).
+    Of a known attribute type other than XOR-PEER-ADDRESS and XOR-RELAYED-ADDRESS only
+    the first occurrence is decoded and returned (RFC 8489 §14).  Attributes after MESSAGE-INTEGRITY other
     than MESSAGE-INTEGRITY-SHA256 and FINGERPRINT are ignored (not returned);
     attributes after FINGERPRINT are ignored too.  Unknown comprehension-required
     attribute types are listed in ``unknown_required``.
@@ -111,6 +157,7 @@ def decode_untrusted(data: bytes, max_attributes: int = c.MAX_ATTRIBUTES) -> Mes
 
     unknown: dict[int, None] = {}  # ordered and O(1): no quadratic de-duplication
     ignored: list[int] = []
+    seen: set[int] = set()
     pos = c.HEADER_SIZE
     end = len(data)
     count = 0
@@ -135,26 +182,39 @@ def decode_untrusted(data: bytes, max_attributes: int = c.MAX_ATTRIBUTES) -> Mes
             ignored.append(attr_type)
             continue
         if attr_type == c.FINGERPRINT:
-            msg.attributes.append((attr_type, _decode(attr_type, value, tid, bad)))
+            msg._attributes.append((attr_type, _decode(attr_type, value, tid, bad)))
             msg.fingerprint_offset = offset
             stage = 3
             continue
         if attr_type == c.MESSAGE_INTEGRITY_SHA256 and stage < 2:
-            msg.attributes.append((attr_type, _decode(attr_type, value, tid, bad)))
+            msg._attributes.append((attr_type, _decode(attr_type, value, tid, bad)))
             msg.integrity_sha256_offset = offset
             stage = 2
             continue
         if attr_type == c.MESSAGE_INTEGRITY and stage == 0:
-            msg.attributes.append((attr_type, _decode(attr_type, value, tid, bad)))
+            msg._attributes.append((attr_type, _decode(attr_type, value, tid, bad)))
             msg.integrity_offset = offset
             stage = 1
             continue
         if stage:
             ignored.append(attr_type)
             continue
-        if attr_type not in CODECS and c.comprehension_required(attr_type):
+        if attr_type in CODECS:
+            if attr_type in seen:
+                # RFC 8489 §14: only the first occurrence needs processing; duplicates
+                # may be ignored.  They are, unread: no attribute is decoded twice.
+                continue
+            if attr_type not in REPEATABLE:
+                seen.add(attr_type)
+        elif c.comprehension_required(attr_type):
             unknown[attr_type] = None
-        msg.attributes.append((attr_type, _decode(attr_type, value, tid, bad)))
+        if attr_type in REPEATABLE:  # checked now, built when read
+            if not check_address(value):
+                raise bad(f"malformed {attribute_name(attr_type)}")
+            msg._attributes.append((attr_type, _Deferred(CODECS[attr_type][1], value, tid)))
+            msg._deferred += 1
+            continue
+        msg._attributes.append((attr_type, _decode(attr_type, value, tid, bad)))
     msg.unknown_required = tuple(unknown)
     msg.ignored_after_integrity = tuple(ignored)
     return msg

@@ -35,7 +35,8 @@ class Channel:
 class Allocation:
     __slots__ = ("five_tuple", "username", "key", "integrity", "expires", "relays",
                  "permissions", "channels", "peer_channels", "allocate_tid",
-                 "allocate_response", "client_handle", "peer_attr_cache", "cooldown")
+                 "allocate_response", "client_handle", "peer_attr_cache", "cooldown",
+                 "cooldown_peers", "client_key")
 
     def __init__(self, five_tuple, username: str, key: bytes, integrity: str, expires: float):
         self.five_tuple = five_tuple
@@ -56,6 +57,8 @@ class Allocation:
         # Expired channels: number -> (peer, until). For 5 minutes neither the number nor
         # the peer may be bound to anything else (RFC 8656 §12).
         self.cooldown: dict[int, tuple[tuple, float]] = {}
+        self.cooldown_peers: dict[tuple, int] = {}  # the same, by peer
+        self.client_key = ""  # what limits.ip_quota counts by (IPv4 address, IPv6 /64)
 
     def permitted(self, ip: str, now: float) -> bool:
         expiry = self.permissions.get(ip)

@@ -45,28 +45,59 @@ DEFAULT_DENY_V6 = [
 ]
 DEFAULT_DENY = [ipaddress.ip_network(n) for n in DEFAULT_DENY_V4 + DEFAULT_DENY_V6]
 
-_MAPPED = ipaddress.ip_network("::ffff:0:0/96")
-_COMPAT = ipaddress.ip_network("::/96")
-_SIXTOFOUR = ipaddress.ip_network("2002::/16")
-_NAT64 = ipaddress.ip_network("64:ff9b::/96")
-_NAT64_LOCAL = ipaddress.ip_network("64:ff9b:1::/48")
-_TEREDO = ipaddress.ip_network("2001::/32")
+# Every check below works on integers: parsing a peer's text once costs microseconds,
+# and a CreatePermission full of fresh IPv6 peers can't make the policy expensive.
+Range = tuple[int, int, int]  # (first, last, prefix length)
+
+
+def _range(net: IPNetwork) -> Range:
+    return int(net.network_address), int(net.broadcast_address), net.prefixlen
+
+
+def _ranges(nets) -> tuple[list[Range], list[Range]]:
+    """(IPv4 ranges, IPv6 ranges)"""
+    v4 = [_range(n) for n in nets if n.version == 4]
+    v6 = [_range(n) for n in nets if n.version == 6]
+    return v4, v6
+
+
+_DEFAULT = _ranges(DEFAULT_DENY)
+_MAPPED_OR_COMPAT = 0           # n >> 32 == 0 (compatible) or 0xFFFF (mapped)
+_SIXTOFOUR = 0x2002             # n >> 112
+_NAT64 = int(ipaddress.IPv6Address("64:ff9b::")) >> 32
+_NAT64_LOCAL = int(ipaddress.IPv6Address("64:ff9b:1::")) >> 80
+_TEREDO = 0x20010000            # n >> 96
+
+
+def parse_ip(ip: str) -> tuple[int, int] | None:
+    """(4 or 6, the address as an integer), or None for text that is not an IP."""
+    try:
+        addr = ipaddress.ip_address(ip)
+    except ValueError:
+        return None
+    return addr.version, int(addr)
+
+
+def embedded_ipv4_ints(n: int) -> list[int]:
+    """The IPv4 addresses an IPv6 address (as an integer) carries, and could be
+    translated to: IPv4-mapped, -compatible, 6to4, NAT64 (both prefixes), Teredo."""
+    out = []
+    high = n >> 32
+    if high == 0xFFFF or (high == _MAPPED_OR_COMPAT and n > 1):
+        out.append(n & 0xFFFFFFFF)
+    if n >> 112 == _SIXTOFOUR:
+        out.append((n >> 80) & 0xFFFFFFFF)
+    if high == _NAT64 or n >> 80 == _NAT64_LOCAL:
+        out.append(n & 0xFFFFFFFF)
+    if n >> 96 == _TEREDO:
+        out.append((n >> 64) & 0xFFFFFFFF)  # Teredo server
+        out.append(~n & 0xFFFFFFFF)         # client, obfuscated
+    return out
 
 
 def embedded_ipv4(ip: ipaddress.IPv6Address) -> list[ipaddress.IPv4Address]:
     """IPv4 addresses an IPv6 address carries (and could be translated to)."""
-    n = int(ip)
-    out = []
-    if ip in _MAPPED or (ip in _COMPAT and n > 1):
-        out.append(ipaddress.IPv4Address(n & 0xFFFFFFFF))
-    if ip in _SIXTOFOUR:
-        out.append(ipaddress.IPv4Address((n >> 80) & 0xFFFFFFFF))
-    if ip in _NAT64 or ip in _NAT64_LOCAL:
-        out.append(ipaddress.IPv4Address(n & 0xFFFFFFFF))
-    if ip in _TEREDO:
-        out.append(ipaddress.IPv4Address((n >> 64) & 0xFFFFFFFF))  # Teredo server
-        out.append(ipaddress.IPv4Address(~n & 0xFFFFFFFF))  # client, obfuscated
-    return out
+    return [ipaddress.IPv4Address(v4) for v4 in embedded_ipv4_ints(int(ip))]
 
 
 class PeerPolicy:
@@ -77,42 +108,46 @@ class PeerPolicy:
                  deny: Iterable[str | IPNetwork] = ()):
         self.allow = [ipaddress.ip_network(n, strict=False) for n in allow]
         self.deny = [ipaddress.ip_network(n, strict=False) for n in deny]
+        self._allow = _ranges(self.allow)
+        self._deny = _ranges(self.deny)
         self._cache: dict[str, bool] = {}
 
-    def _explicit(self, ip: IPAddr) -> bool | None:
+    def _explicit(self, version: int, n: int) -> bool | None:
+        i = 0 if version == 4 else 1
         best_len, verdict = -1, None
-        for net in self.deny:
-            if ip.version == net.version and ip in net and net.prefixlen >= best_len:
-                best_len, verdict = net.prefixlen, False
-        for net in self.allow:
-            if ip.version == net.version and ip in net and net.prefixlen > best_len:
-                best_len, verdict = net.prefixlen, True
+        for first, last, plen in self._deny[i]:
+            if first <= n <= last and plen >= best_len:
+                best_len, verdict = plen, False
+        for first, last, plen in self._allow[i]:
+            if first <= n <= last and plen > best_len:
+                best_len, verdict = plen, True
         return verdict
 
     def explicitly_allowed(self, ip: str) -> bool:
-        return self._explicit(ipaddress.ip_address(ip)) is True
+        parsed = parse_ip(ip)
+        return parsed is not None and self._explicit(*parsed) is True
 
-    def _allowed_one(self, ip: IPAddr) -> bool:
-        verdict = self._explicit(ip)
+    def _allowed_one(self, version: int, n: int) -> bool:
+        verdict = self._explicit(version, n)
         if verdict is not None:
             return verdict
-        return not any(ip.version == net.version and ip in net for net in DEFAULT_DENY)
+        return not any(first <= n <= last for first, last, _ in _DEFAULT[0 if version == 4 else 1])
 
     def allowed(self, ip: str) -> bool:
         """True when ``ip`` (text) may be a peer.  Cached: the answer never changes."""
         cached = self._cache.get(ip)
         if cached is not None:
             return cached
-        try:
-            addr = ipaddress.ip_address(ip)
-        except ValueError:
+        parsed = parse_ip(ip)
+        if parsed is None:
             return False
-        ok = self._allowed_one(addr)
-        if ok and addr.version == 6:
+        version, n = parsed
+        ok = self._allowed_one(version, n)
+        if ok and version == 6:
             # An explicit allow of the IPv6 address itself stands; otherwise every
             # IPv4 address it carries must be allowed too.
-            if self._explicit(addr) is not True:
-                ok = all(self._allowed_one(v4) for v4 in embedded_ipv4(addr))
+            if self._explicit(6, n) is not True:
+                ok = all(self._allowed_one(4, v4) for v4 in embedded_ipv4_ints(n))
         if len(self._cache) > 65536:
             self._cache.clear()
         self._cache[ip] = ok

@@ -34,6 +34,17 @@ class PortPool:
         self.take(port)
         return port
 
+    def take_even(self, rng: random.Random, tries: int = 64) -> int | None:
+        """A free even port (EVEN-PORT without the R bit: its neighbour may be in use)."""
+        for _ in range(tries):
+            if not self._free:
+                return None
+            p = self._free[rng.randrange(len(self._free))]
+            if not p & 1:
+                self.take(p)
+                return p
+        return None
+
     def take_even_pair(self, rng: random.Random, tries: int = 64) -> int | None:
         """An even port p with p+1 also free; both are taken."""
         for _ in range(tries):

@@ -10,7 +10,6 @@ and peer decisions from the ``policy`` seam (as pion/turn's ServerConfig).
 
 from __future__ import annotations
 
-import ipaddress
 import math
 import random
 import secrets
@@ -27,7 +26,7 @@ from ..stun.integrity import verify_fingerprint, verify_integrity
 from ..stun.message import Message, decode_untrusted, encode
 from .allocation import Allocation, Channel, Relay
 from .nonce import FEATURE_PASSWORD_ALGORITHMS, FEATURE_USERNAME_ANONYMITY, NonceMaker
-from .policy import PeerPolicy, embedded_ipv4
+from .policy import PeerPolicy, embedded_ipv4_ints, parse_ip
 from .ports import PortPool
 from .wheel import ExpiryWheel
 
@@ -39,7 +38,9 @@ CHANNEL_COOLDOWN = 300.0
 ALL_ALGORITHMS = (c.ALGORITHM_MD5, c.ALGORITHM_SHA256)
 RATE_BUCKETS = 4096
 BIND_ATTEMPTS = 16    # random ports tried per relay before 508
-SWEEP_BUDGET = 1000   # allocations looked at per expire() call: no sweep the relay can feel
+DENIED_NOTE = ("peer_policy", "a peer address was refused by the peer policy (loopback, private, "
+               "link-local, turnd's own...; [peers] allow opens a range)")
+SWEEP_BUDGET = 10_000  # items (allocations, permissions, channels) looked at per expire() call
 
 
 class FiveTuple(NamedTuple):
@@ -66,6 +67,16 @@ class AllocationCreated:
 class AllocationDeleted:
     """Stop relaying for ``alloc`` and close its relay sockets."""
     alloc: Allocation
+
+
+@attrs.frozen
+class Refused:
+    """A request was refused for a reason the operator should hear of (out of ports, a
+    quota, a cap, the peer policy, a failed login): log it, at most now and then per
+    ``kind`` (a fixed word: never text a client chose)."""
+    code: int
+    kind: str
+    note: str
 
 
 @attrs.frozen(eq=False)
@@ -100,7 +111,17 @@ class Reservation(NamedTuple):
     ip: str
     port: int
     expires: float
-    username: str  # counted by that user's quota until used or expired
+    username: str    # counted by that user's quota until used or expired
+    client_key: str  # and by its client's (limits.ip_quota)
+
+
+def client_key(ip: str) -> str:
+    """What per-client limits count by: an IPv4 address, or the /64 of an IPv6 address
+    (one host can have a whole /64 to itself)."""
+    if ":" not in ip:
+        return ip
+    parsed = parse_ip(ip)
+    return f"{parsed[1] >> 64:016x}::/64" if parsed else ip
 
 
 @attrs.frozen
@@ -119,13 +140,17 @@ class ProtocolConfig:
     nonce_lifetime: int = 600
     user_quota: int = 0
     total_quota: int = 0
+    ip_quota: int = 0                     # allocations per client IPv4 address / IPv6 /64
     dont_fragment: bool = True            # the binder can honour DONT-FRAGMENT
     turn_transports: frozenset = frozenset({"udp"})
-    unauth_rate: float = 20.0             # 401 responses per second per source IP (burst 2x)
+    unauth_rate: float = 200.0            # answers to unauthenticated requests per second per
+                                          # source IP, bursts of twice that; 0: no limit
     channel_max: int = c.CHANNEL_MAX      # 0x4FFF (RFC 8656); 0x7FFF accepts RFC 5766 clients
     max_attributes: int = c.MAX_ATTRIBUTES  # attributes decoded per message, else 400
     permissions_per_allocation: int = 64  # peer IPs with a permission, else 508
+    channels_per_allocation: int = 64     # channel bindings, else 508
     port_retry: float = 60.0              # seconds before a port another program had is tried again
+    host_addresses: tuple = ()            # every address of this host (also "own")
 
 
 def _family(ip: str) -> int:
@@ -154,8 +179,9 @@ class TurnServer:
         self._decoy_key = secrets.token_bytes(16)
         self.allocations: dict[FiveTuple, Allocation] = {}
         self.relays_by_addr: dict[Address, Relay] = {}
-        # Allocations and reservations held per user: what user_quota counts.
+        # Allocations and reservations held per user and per client: what the quotas count.
         self.user_allocations: dict[str, int] = {}
+        self.ip_allocations: dict[str, int] = {}
         self.reservations: dict[bytes, Reservation] = {}
         self._reservation_queue: deque[tuple[float, bytes]] = deque()  # in expiry order
         self._busy_ports: deque[tuple[float, str, int]] = deque()  # (retry at, ip, port)
@@ -165,9 +191,14 @@ class TurnServer:
         self.external = dict(config.external)
         self.pools = {ip: PortPool(*config.port_range) for ip in config.relay_addresses}
         self.listen_set = {tuple(ep) for ep in config.listen}
-        # Every IP that is turnd itself: listen, relay and public (external) addresses.
+        # Ports listened on at a wildcard address: on any of turnd's own IPs they are it.
+        self.wildcard_ports = frozenset(port for ip, port in config.listen if ip in ("0.0.0.0", "::"))
+        # Every IP that is turnd itself: listen, relay and public (external) addresses, and
+        # the host's own addresses (the shell finds them).
         self.own_ips = frozenset({ep[0] for ep in config.listen} | set(config.relay_addresses)
-                                 | set(self.external) | set(self.external.values()))
+                                 | set(self.external) | set(self.external.values())
+                                 | set(config.host_addresses))
+        self._own_v4_ints = frozenset(p[1] for p in map(parse_ip, self.own_ips) if p and p[0] == 4)
         self.own_relay_ips = frozenset(set(config.relay_addresses) | {
             self.external[ip] for ip in config.relay_addresses if ip in self.external})
         # Token buckets for 401s, indexed by a hash of the source IP: fixed memory.
@@ -180,11 +211,19 @@ class TurnServer:
     # --- entry points ------------------------------------------------------------
 
     def handle_untrusted(self, data: bytes, ft: FiveTuple, now: float) -> list:
+        if ft.client in self.relays_by_addr:
+            # One of turnd's own relays (turnd reached itself, e.g. through another of the
+            # host's addresses): never answered, so no loop and no way in.
+            self.count("dropped_own_relay")
+            return []
         try:
             msg = decode_untrusted(data, self.config.max_attributes)
         except StunDecodeError as exc:
             if exc.is_stun and exc.cls == c.REQUEST:
                 self.count("bad_requests")
+                if not self._rate_ok(ft, now):
+                    self.count("dropped_rate_limited")
+                    return []
                 return [Reply(self._error_bytes(exc.method, exc.transaction_id,
                                                 StunError(c.BAD_REQUEST, exc.reason[:127])))]
             self.count("dropped_not_stun")
@@ -224,7 +263,11 @@ class TurnServer:
             return actions + self._turn_request(msg, ft, now, *auth)
         except StunError as err:
             self.count(f"error_{err.code}")
-            if err.code == c.UNAUTHORIZED and auth is None and not self._rate_ok(ft, now):
+            if err.note:
+                actions.append(Refused(err.code, *err.note))
+            if auth is None and not self._rate_ok(ft, now):
+                # Every answer to an unauthenticated request (401, 438, 400, 420) comes out
+                # of one token bucket per source IP: turnd is no amplifier.
                 self.count("dropped_rate_limited")
                 return actions
             key = auth[1] if auth else None
@@ -238,7 +281,13 @@ class TurnServer:
         reservations; offer ports again that another program had.  Looks at no more than
         ``budget`` allocations; ``sweep_pending`` says whether more are due already."""
         actions = []
-        for alloc in self.wheel.due(now, budget):
+        work = 0
+        while work < budget:
+            due = self.wheel.due(now, 1)
+            if not due:
+                break
+            alloc = due[0]
+            work += 1 + len(alloc.permissions) + len(alloc.channels) + len(alloc.cooldown)
             if alloc.expires < now:
                 self.count("allocations_expired")
                 actions.append(self._delete(alloc))
@@ -252,7 +301,7 @@ class TurnServer:
             reserved = self.reservations.get(token)
             if reserved is not None and reserved.expires < now:
                 del self.reservations[token]
-                self._unhold(reserved.username)
+                self._unhold(reserved.username, reserved.client_key)
                 self.pools[reserved.ip].give(reserved.port)
         busy = self._busy_ports
         for _ in range(budget):
@@ -281,11 +330,13 @@ class TurnServer:
                 del alloc.channels[number]
                 alloc.peer_channels.pop(ch.peer, None)
                 alloc.cooldown[number] = (ch.peer, ch.expires + CHANNEL_COOLDOWN)
+                alloc.cooldown_peers[ch.peer] = number
             elif ch.expires < nxt:
                 nxt = ch.expires
-        for number, (_, until) in list(alloc.cooldown.items()):
+        for number, (peer, until) in list(alloc.cooldown.items()):
             if until < now:
                 del alloc.cooldown[number]
+                del alloc.cooldown_peers[peer]
             elif until < nxt:
                 nxt = until
         self.wheel.schedule(alloc, nxt if nxt > now else now + 1)
@@ -310,8 +361,10 @@ class TurnServer:
 
     def _rate_ok(self, ft: FiveTuple, now: float) -> bool:
         """A token bucket per source IP in a fixed-size table: no state per request."""
-        i = hash(ft.client[0]) % RATE_BUCKETS
         rate = self.config.unauth_rate
+        if not rate:
+            return True  # limits.unauthenticated_rate = 0: no limit
+        i = hash(ft.client[0]) % RATE_BUCKETS
         tokens = min(2 * rate, self._tokens[i] + (now - self._last[i]) * rate)
         self._last[i] = now
         if tokens < 1:
@@ -353,7 +406,8 @@ class TurnServer:
             # An unknown user costs the one HMAC a known one does: timing tells nothing.
             verify_integrity(msg, self._decoy_key)
         self.count("auth_failures")
-        raise StunError(c.UNAUTHORIZED, attributes=self._challenge(ft, now))
+        raise StunError(c.UNAUTHORIZED, attributes=self._challenge(ft, now),
+                        note=("auth", f"wrong password or unknown user {username!r}"))
 
     # --- TURN requests ---------------------------------------------------------------
 
@@ -387,17 +441,19 @@ class TurnServer:
             return default
         return max(default, min(requested, cfg.max_lifetime))
 
-    def _hold(self, username: str) -> None:
-        self.user_allocations[username] = self.user_allocations.get(username, 0) + 1
+    def _hold(self, username: str, key: str) -> None:
+        for table, name in ((self.user_allocations, username), (self.ip_allocations, key)):
+            table[name] = table.get(name, 0) + 1
 
-    def _unhold(self, username: str) -> None:
-        n = self.user_allocations.get(username, 1) - 1
-        if n:
-            self.user_allocations[username] = n
-        else:
-            self.user_allocations.pop(username, None)
+    def _unhold(self, username: str, key: str) -> None:
+        for table, name in ((self.user_allocations, username), (self.ip_allocations, key)):
+            n = table.get(name, 1) - 1
+            if n:
+                table[name] = n
+            else:
+                table.pop(name, None)
 
-    def _allocate(self, msg, ft, now, username, key, integrity, alloc) -> list:
+    def _allocate(self, msg, ft, now, username, auth_key, integrity, alloc) -> list:
         # RFC 8656 §7.2, step by step.
         if alloc is not None:
             # Step 2: the 5-tuple is in use.  A retransmission of the request that made
@@ -425,17 +481,25 @@ class TurnServer:
             raise StunError(c.ADDRESS_FAMILY_NOT_SUPPORTED)
         if add_fam is not None and add_fam != c.FAMILY_IPV6:
             raise StunError(c.BAD_REQUEST, "ADDITIONAL-ADDRESS-FAMILY must be IPv6")
-        # Step 8, quotas: a user's reservations count as allocations.  Using one's own
-        # reservation turns it into the allocation: no net change.
+        # Step 8, quotas: reservations count as allocations; EVEN-PORT with the R bit
+        # takes two (the allocation and the reservation); using a reservation turns it
+        # into the allocation, so it takes none more from whoever made it.
         cfg = self.config
+        key = client_key(ft.client[0])
         reserved = self.reservations.get(token) if token is not None else None
-        swap = reserved is not None and reserved.username == username
-        held = self.user_allocations.get(username, 0) - swap
-        if cfg.user_quota and held >= cfg.user_quota:
-            raise StunError(c.ALLOCATION_QUOTA_REACHED)
+        takes = 2 if even else 1
+        user_takes = takes - (reserved is not None and reserved.username == username)
+        ip_takes = takes - (reserved is not None and reserved.client_key == key)
+        if cfg.user_quota and self.user_allocations.get(username, 0) + user_takes > cfg.user_quota:
+            raise StunError(c.ALLOCATION_QUOTA_REACHED,
+                            note=("user_quota", f"user {username!r} holds limits.user_quota ({cfg.user_quota}) allocations"))
+        if cfg.ip_quota and self.ip_allocations.get(key, 0) + ip_takes > cfg.ip_quota:
+            raise StunError(c.ALLOCATION_QUOTA_REACHED,
+                            note=("ip_quota", f"a client address holds limits.ip_quota ({cfg.ip_quota}) allocations"))
         if cfg.total_quota and (len(self.allocations) + len(self.reservations)
-                                - (reserved is not None)) >= cfg.total_quota:
-            raise StunError(c.ALLOCATION_QUOTA_REACHED)
+                                + takes - (reserved is not None)) > cfg.total_quota:
+            raise StunError(c.ALLOCATION_QUOTA_REACHED,
+                            note=("total_quota", f"limits.total_quota ({cfg.total_quota}) allocations exist"))
 
         if token is not None:
             families = [4]
@@ -450,14 +514,15 @@ class TurnServer:
         if families[0] not in self.relay_ips:
             raise StunError(c.ADDRESS_FAMILY_NOT_SUPPORTED)
 
-        alloc = Allocation(ft, username, key, integrity, now + self._lifetime(msg))
+        alloc = Allocation(ft, username, auth_key, integrity, now + self._lifetime(msg))
+        alloc.client_key = key
         new_token = None
         # The primary relay.
         ip = self.relay_ips[families[0]]
         if token is not None:
             self.reservations.pop(token, None)
             if reserved is not None:
-                self._unhold(reserved.username)
+                self._unhold(reserved.username, reserved.client_key)
             if reserved is None or reserved.expires < now:
                 if reserved is not None:
                     self.pools[reserved.ip].give(reserved.port)
@@ -469,33 +534,31 @@ class TurnServer:
                 self.pools[ip].give(port)
                 raise StunError(c.INSUFFICIENT_CAPACITY) from None
             if handle is None:
-                raise StunError(c.INSUFFICIENT_CAPACITY)
+                raise StunError(c.INSUFFICIENT_CAPACITY, note=("reserved_port", "a reserved relay port was taken by another program"))
             relay = self._add_relay(alloc, ip, port, handle)
         else:
             try:
-                relay = self._bind_relay(alloc, ip, dont_fragment, now, even_port=even is not None)
+                relay = self._bind_relay(alloc, ip, dont_fragment, now, even=even)
             except BindFailed:
                 raise StunError(c.INSUFFICIENT_CAPACITY) from None
-            if relay is None:
-                raise StunError(c.INSUFFICIENT_CAPACITY)  # step 6 and an exhausted range
+            if relay is None:  # step 6 and an exhausted range
+                raise StunError(c.INSUFFICIENT_CAPACITY, note=("ports", f"no free relay port on {ip}: relay.ports is used up"))
         try:
             response_attrs: list = [(c.XOR_RELAYED_ADDRESS, relay.advertised)]
             if even:  # R bit: keep port+1 for a later Allocate with RESERVATION-TOKEN
                 new_token = secrets.token_bytes(8)
                 expires = now + RESERVATION_LIFETIME
-                self.reservations[new_token] = Reservation(ip, relay.address[1] + 1, expires, username)
+                self.reservations[new_token] = Reservation(ip, relay.address[1] + 1, expires,
+                                                           username, key)
                 self._reservation_queue.append((expires, new_token))
-                self._hold(username)
-            elif even is not None:
-                self.pools[ip].give(relay.address[1] + 1)
+                self._hold(username, key)
             # The additional IPv6 relay of a dual allocation (RFC 8656 §7.2, ADDRESS-ERROR-CODE
             # when that family alone can't be served).
             if len(families) == 2:
                 error = 440 if 6 not in self.relay_ips else None
                 if error is None:
                     try:
-                        extra = self._bind_relay(alloc, self.relay_ips[6], dont_fragment, now,
-                                                 even_port=False)
+                        extra = self._bind_relay(alloc, self.relay_ips[6], dont_fragment, now)
                     except BindFailed:
                         extra = None
                     if extra is None:
@@ -510,14 +573,14 @@ class TurnServer:
                 response_attrs.append((c.RESERVATION_TOKEN, new_token))
             response_attrs.append((c.XOR_MAPPED_ADDRESS, ft.client))
             alloc.allocate_tid = msg.transaction_id
-            alloc.allocate_response = self._signed(msg, key, integrity, response_attrs)
+            alloc.allocate_response = self._signed(msg, auth_key, integrity, response_attrs)
         except BaseException:  # never keep a socket or a port for a request that failed
             for r in alloc.relays.values():
                 self._release(r)
             raise
 
         self.allocations[ft] = alloc
-        self._hold(username)
+        self._hold(username, key)
         for r in alloc.relays.values():
             self.relays_by_addr[r.address] = r
             self.relays_by_addr[r.advertised] = r
@@ -547,12 +610,17 @@ class TurnServer:
             self.count("relay_bind_failures")
             raise
 
-    def _bind_relay(self, alloc, ip, dont_fragment, now, *, even_port: bool) -> Relay | None:
-        """A relay on a random free port (an even one with port+1 free too, for EVEN-PORT);
+    def _bind_relay(self, alloc, ip, dont_fragment, now, *, even: bool | None = None) -> Relay | None:
+        """A relay on a random free port: for EVEN-PORT an even one, and with its R bit
+        (``even`` True) port+1 free too and taken for the reservation (RFC 8656 §7.2);
         None when no port could be had.  BindFailed propagates with every port returned."""
         pool = self.pools[ip]
+        even_port = bool(even)  # the pair is taken and given back together
         for _ in range(BIND_ATTEMPTS):
-            port = pool.take_even_pair(self.rng) if even_port else pool.take_random(self.rng)
+            if even is None:
+                port = pool.take_random(self.rng)
+            else:
+                port = pool.take_even_pair(self.rng) if even else pool.take_even(self.rng)
             if port is None:
                 return None
             try:
@@ -576,7 +644,7 @@ class TurnServer:
 
     def _delete(self, alloc: Allocation) -> AllocationDeleted:
         del self.allocations[alloc.five_tuple]
-        self._unhold(alloc.username)
+        self._unhold(alloc.username, alloc.client_key)
         for relay in alloc.relays.values():
             self.relays_by_addr.pop(relay.address, None)
             self.relays_by_addr.pop(relay.advertised, None)
@@ -601,16 +669,20 @@ class TurnServer:
     def peer_allowed(self, ip: str, port: int | None) -> bool:
         """May a client reach this peer?  ``port`` None: any port (CreatePermission)."""
         if ip in self.own_ips:
-            if port is not None and (ip, port) in self.listen_set:
+            if port is not None and self.is_listen_endpoint(ip, port):
                 return False
             if ip in self.own_relay_ips and (port is None or (ip, port) in self.relays_by_addr):
                 return True
             return self.policy.explicitly_allowed(ip)
         if _family(ip) == 6:
-            v6 = ipaddress.IPv6Address(ip)
-            if any(str(v4) in self.own_ips for v4 in embedded_ipv4(v6)):
+            parsed = parse_ip(ip)
+            if parsed is None or any(v4 in self._own_v4_ints for v4 in embedded_ipv4_ints(parsed[1])):
                 return False
         return self.policy.allowed(ip)
+
+    def is_listen_endpoint(self, ip: str, port: int) -> bool:
+        """Is (ip, port) one of turnd's listen sockets (also through a wildcard listen)?"""
+        return (ip, port) in self.listen_set or (port in self.wildcard_ports and ip in self.own_ips)
 
     def _peer_relay(self, alloc: Allocation, peer: Address) -> Relay:
         relay = alloc.relays.get(_family(peer[0]))
@@ -618,13 +690,18 @@ class TurnServer:
             raise StunError(c.PEER_ADDRESS_FAMILY_MISMATCH)
         return relay
 
-    def _permit(self, alloc: Allocation, ips: set[str], now: float) -> None:
-        """Install or refresh permissions; 508 when that would pass the cap (RFC 8656 §9.2,
+    def _check_room(self, alloc: Allocation, ips: set[str]) -> None:
+        """508 when installing permissions for ``ips`` would pass the cap (RFC 8656 §9.2,
         §11.2: the server could not install them)."""
         new = len(ips - alloc.permissions.keys())
-        if len(alloc.permissions) + new > self.config.permissions_per_allocation:
+        if new and len(alloc.permissions) + new > self.config.permissions_per_allocation:
             self.count("permissions_capped")
-            raise StunError(c.INSUFFICIENT_CAPACITY, "Too many permissions")
+            raise StunError(c.INSUFFICIENT_CAPACITY, "Too many permissions", note=("permissions",
+                f"an allocation of user {alloc.username!r} holds limits.permissions_per_allocation "
+                f"({self.config.permissions_per_allocation}) permissions"))
+
+    def _permit(self, alloc: Allocation, ips: set[str], now: float) -> None:
+        """Install or refresh permissions (the caller checked the room)."""
         expires = now + self.config.permission_lifetime
         for ip in ips:
             alloc.permissions[ip] = expires
@@ -635,11 +712,12 @@ class TurnServer:
         peers = msg.get_all(c.XOR_PEER_ADDRESS)
         if not peers:
             raise StunError(c.BAD_REQUEST, "Missing XOR-PEER-ADDRESS")
+        self._check_room(alloc, {peer[0] for peer in peers})  # before any policy work
         for peer in peers:
             self._peer_relay(alloc, peer)
             if not self.peer_allowed(peer[0], None):
                 self.count("peers_denied")
-                raise StunError(c.FORBIDDEN)
+                raise StunError(c.FORBIDDEN, note=DENIED_NOTE)
         self._permit(alloc, {peer[0] for peer in peers}, now)
         return [Reply(self._signed(msg, alloc.key, alloc.integrity, []))]
 
@@ -650,21 +728,34 @@ class TurnServer:
             raise StunError(c.BAD_REQUEST, "Missing CHANNEL-NUMBER or XOR-PEER-ADDRESS")
         if not c.CHANNEL_MIN <= number <= self.config.channel_max:
             raise StunError(c.BAD_REQUEST, "Channel number out of range")
+        existing = alloc.channels.get(number)
+        if existing is None and len(alloc.channels) >= self.config.channels_per_allocation:
+            self.count("channels_capped")
+            raise StunError(c.INSUFFICIENT_CAPACITY, "Too many channels", note=("channels",
+                f"an allocation of user {alloc.username!r} holds limits.channels_per_allocation "
+                f"({self.config.channels_per_allocation}) channels"))
+        self._check_room(alloc, {peer[0]})
         relay = self._peer_relay(alloc, peer)
         if not self.peer_allowed(peer[0], peer[1]):
             self.count("peers_denied")
-            raise StunError(c.FORBIDDEN)
-        existing = alloc.channels.get(number)
+            raise StunError(c.FORBIDDEN, note=DENIED_NOTE)
         if existing is not None and existing.peer != peer:
             raise StunError(c.BAD_REQUEST, "Channel bound to another peer")
         other = alloc.peer_channels.get(peer)
         if other is not None and other.number != number:
             raise StunError(c.BAD_REQUEST, "Peer bound to another channel")
-        for cooling, (cooling_peer, until) in alloc.cooldown.items():
-            if until >= now and (cooling == number) != (cooling_peer == peer):
-                raise StunError(c.BAD_REQUEST, "Channel or peer was bound differently until recently")
+        # RFC 8656 §12: an expired binding's number and peer stay paired for 5 minutes.
+        cooling = alloc.cooldown.get(number)
+        if cooling is not None and cooling[1] >= now and cooling[0] != peer:
+            raise StunError(c.BAD_REQUEST, "Channel was bound to another peer until recently")
+        cooling_number = alloc.cooldown_peers.get(peer)
+        if (cooling_number is not None and cooling_number != number
+                and alloc.cooldown[cooling_number][1] >= now):
+            raise StunError(c.BAD_REQUEST, "Peer was bound to another channel until recently")
         self._permit(alloc, {peer[0]}, now)  # a channel binding installs a permission too
-        alloc.cooldown.pop(number, None)
+        if cooling is not None:
+            del alloc.cooldown[number]
+            del alloc.cooldown_peers[cooling[0]]
         expires = now + self.config.channel_lifetime
         if existing is not None:
             existing.expires = expires
