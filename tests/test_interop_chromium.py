@@ -11,6 +11,7 @@ from turnd.config import AuthConfig, Config, Endpoint, PeersConfig, RelayConfig,
 from turnd.server import serve
 
 from .interop import need
+from .webpage import serve_page
 
 pytestmark = pytest.mark.interop
 
@@ -22,34 +23,13 @@ FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-
 
 async def http_server(results: trio.MemorySendChannel, logs: list, *, task_status):
     """Serves the page and takes the page's reports (/result?..., /log?...)."""
-    page = open(PAGE, "rb").read()
+    def on_request(path, query):
+        if path == "/result":
+            results.send_nowait(query)
+        elif path == "/log":
+            logs.append(" ".join(query))
 
-    async def handle(stream):
-        async with stream:
-            data = b""
-            with trio.move_on_after(5):
-                while b"\r\n\r\n" not in data:
-                    chunk = await stream.receive_some(4096)
-                    if not chunk:
-                        return
-                    data += chunk
-            target = data.split(b" ", 2)[1].decode() if data.count(b" ") >= 2 else "/"
-            path, _, query = target.partition("?")
-            if path == "/result":
-                await results.send(urllib.parse.parse_qs(query))
-            elif path == "/log":
-                logs.append(urllib.parse.unquote(query))
-            body = page if path == "/" else b""
-            head = (f"HTTP/1.1 200 OK\r\nContent-Type: text/html\r\nContent-Length: {len(body)}\r\n"
-                    "Connection: close\r\n\r\n").encode()
-            try:
-                await stream.send_all(head + body)
-            except trio.BrokenResourceError:
-                pass
-
-    listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
-    task_status.started(listeners[0].socket.getsockname()[1])
-    await trio.serve_listeners(handle, listeners)
+    await serve_page(open(PAGE, "rb").read(), on_request, task_status=task_status)
 
 
 @pytest.mark.parametrize("default_family", ["ipv4", "keep"])

@@ -247,18 +247,16 @@ class Shell:
     def _admit(self, conn: socket.socket, addr, nursery: trio.Nursery) -> None:
         limits = self.config.limits
         key = client_key(addr[0])
+        refused = None
         if self.tcp_stats["open"] >= self.tcp_cap:
-            self.tcp_stats["refused_total"] += 1
-            self.log_limited("tcp_total", logging.WARNING, "TCP connection refused: %d are open "
-                             "(limits.tcp_connections, or what the open-files limit leaves)",
-                             self.tcp_cap)
-            conn.close()
-            return
-        if self.tcp_per_ip.get(key, 0) >= limits.tcp_connections_per_ip:
-            self.tcp_stats["refused_per_ip"] += 1
-            self.log_limited("tcp_per_ip", logging.WARNING, "TCP connection refused: a client "
-                             "IP has limits.tcp_connections_per_ip (%d) open",
-                             limits.tcp_connections_per_ip)
+            refused = "refused_total", (f"{self.tcp_cap} are open (limits.tcp_connections, or "
+                                        "what the open-files limit leaves)")
+        elif self.tcp_per_ip.get(key, 0) >= limits.tcp_connections_per_ip:
+            refused = "refused_per_ip", (f"a client address has limits.tcp_connections_per_ip "
+                                         f"({limits.tcp_connections_per_ip}) open")
+        if refused is not None:
+            self.tcp_stats[refused[0]] += 1
+            self.log_limited(refused[0], logging.WARNING, "TCP connection refused: %s", refused[1])
             conn.close()
             return
         self.tcp_stats["connections"] += 1

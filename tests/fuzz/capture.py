@@ -50,6 +50,7 @@ sys.path.insert(0, ROOT)
 from turnd.config import (AuthConfig, Config, Endpoint, PeersConfig,  # noqa: E402
                           RelayConfig, ServerConfig)
 from turnd.server import serve  # noqa: E402
+from tests.webpage import serve_page  # noqa: E402
 
 PAGE = os.path.join(ROOT, "tests", "webrtc_page.html")
 USER, PASSWORD, SECRET = "alice", "secret", "rest-api-secret"
@@ -488,33 +489,14 @@ class Pages:
         return receive
 
     async def serve(self, *, task_status):
-        async def handle(stream):
-            async with stream:
-                data = b""
-                with trio.move_on_after(5):
-                    while b"\r\n\r\n" not in data:
-                        chunk = await stream.receive_some(4096)
-                        if not chunk:
-                            return
-                        data += chunk
-                target = data.split(b" ", 2)[1].decode() if data.count(b" ") >= 2 else "/"
-                path, _, query = target.partition("?")
-                if path in ("/result", "/closed") and self.events is not None:
-                    try:
-                        self.events.send_nowait((path, urllib.parse.parse_qs(query)))
-                    except trio.WouldBlock:
-                        pass
-                body = self.page if path == "/" else b""
-                head = (f"HTTP/1.1 200 OK\r\nContent-Type: text/html\r\nContent-Length: {len(body)}"
-                        "\r\nConnection: close\r\n\r\n").encode()
+        def on_request(path, query):
+            if path in ("/result", "/closed") and self.events is not None:
                 try:
-                    await stream.send_all(head + body)
-                except (trio.BrokenResourceError, trio.ClosedResourceError):
+                    self.events.send_nowait((path, query))
+                except trio.WouldBlock:
                     pass
 
-        listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
-        task_status.started(listeners[0].socket.getsockname()[1])
-        await trio.serve_listeners(handle, listeners)
+        await serve_page(self.page, on_request, task_status=task_status)
 
 
 async def browser_call(name: str, cmd: list[str], pages: Pages, expect_call: bool,
