@@ -12,7 +12,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from turnd.relay import peer_from_xor_untrusted, send_indication_untrusted
-from turnd.stun import StunDecodeError, decode_untrusted
+from turnd.stun import StunDecodeError, decode_untrusted, verify_fingerprint
 from turnd.stun import constants as c
 from turnd.stun.attributes import encode_value
 from turnd.stun.message import fingerprint_value
@@ -94,6 +94,7 @@ def core_with_both_relays():
 
 
 H, FT, ALLOC = core_with_both_relays()
+CORPUS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "corpus", "clients")
 ACCEPTED = []
 
 
@@ -107,7 +108,8 @@ def test_what_the_fast_path_relays_the_core_would_relay(data):
     peer, start, end = found
     msg = decode_untrusted(data)  # must not raise
     assert (msg.method, msg.cls) == (c.SEND, c.INDICATION)
-    assert not msg.unknown_required and msg.fingerprint_offset is None
+    assert not msg.unknown_required
+    assert msg.fingerprint_offset is None or verify_fingerprint(msg)
     assert msg.get(c.XOR_PEER_ADDRESS) == peer
     assert msg.get(c.DATA_ATTR) == data[start:end]
     ALLOC.permissions[peer[0]] = H.now + 300  # the core decides as the fast path did
@@ -121,6 +123,32 @@ def test_the_differential_test_exercises_acceptance():
     ACCEPTED.clear()
     test_what_the_fast_path_relays_the_core_would_relay()
     assert len(ACCEPTED) > 50
+
+
+def test_firefox_send_indications_take_the_fast_path():
+    """Firefox puts FINGERPRINT on every Send indication: checked, and on the fast path;
+    a wrong one is the slow path's (which drops it)."""
+    client = TurnClient("x", "y", fingerprint=True)
+    data = client.indication(c.SEND, [(c.XOR_PEER_ADDRESS, ("8.8.8.8", 5000)), (c.DATA_ATTR, b"media")])
+    found = send_indication_untrusted(memoryview(data), len(data))
+    assert found is not None and data[found[1]:found[2]] == b"media"
+    bad = data[:-1] + bytes([data[-1] ^ 1])
+    assert send_indication_untrusted(memoryview(bad), len(bad)) is None
+    for real in sorted(os.listdir(CORPUS)):  # captured from Firefox ESR (tests/corpus)
+        if real.startswith("firefox-udp"):
+            raw = open(os.path.join(CORPUS, real), "rb").read()
+            if raw[:2] == b"\x00\x16":
+                assert send_indication_untrusted(memoryview(raw), len(raw)) is not None, real
+
+
+def test_unknown_optional_attributes_are_ignored_on_the_fast_path():
+    raw = (tlv(c.XOR_PEER_ADDRESS, encode_value(c.XOR_PEER_ADDRESS, ("8.8.8.8", 1), b"\0" * 12))
+           + tlv(0xC057, b"network cost") + tlv(c.DATA_ATTR, b"x"))
+    data = struct.pack("!HHI", 0x0016, len(raw), c.MAGIC_COOKIE) + b"\0" * 12 + raw
+    assert send_indication_untrusted(memoryview(data), len(data)) is not None
+    raw = raw.replace(struct.pack("!H", 0xC057), struct.pack("!H", c.SOFTWARE))  # known: slow path
+    data = struct.pack("!HHI", 0x0016, len(raw), c.MAGIC_COOKIE) + b"\0" * 12 + raw
+    assert send_indication_untrusted(memoryview(data), len(data)) is None
 
 
 def test_plain_browser_send_indications_take_the_fast_path():

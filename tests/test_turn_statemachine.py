@@ -9,7 +9,7 @@ from hypothesis import settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, rule, run_state_machine_as_test
 
-from turnd.relay import Forwarder, RelayStats
+from turnd.relay import Forwarder, RelayStats, UdpClient
 from turnd.stun import decode_untrusted, verify_integrity
 from turnd.stun import constants as c
 from turnd.turn.protocol import AllocationCreated, AllocationDeleted, Reply, SendToPeer
@@ -66,7 +66,7 @@ class CoreMachine(RuleBasedStateMachine):
             assert resp.cls in (c.SUCCESS, c.ERROR)
             for a in actions:
                 if isinstance(a, AllocationCreated):
-                    a.alloc.client_handle = (Sock(self.sent, "client"), ft.client)
+                    a.alloc.client_handle = UdpClient(Sock(self.sent, "client"), ft.client)
                     for r in a.alloc.relays.values():
                         r.handle = Sock(self.sent, ("relay", r.address), r.address)
                 if isinstance(a, AllocationDeleted):
@@ -228,5 +228,5 @@ def test_the_machine_moves_data_both_ways():
     """Guards against a machine that only ever exercises error paths."""
     CoreMachine.delivered.update(to_client=0, to_peer=0)
     run_state_machine_as_test(CoreMachine, settings=settings(
-        max_examples=100, stateful_step_count=50, deadline=None, derandomize=True, database=None))
+        max_examples=300, stateful_step_count=50, deadline=None, derandomize=True, database=None))
     assert CoreMachine.delivered["to_client"] > 0 and CoreMachine.delivered["to_peer"] > 0

@@ -1,48 +1,71 @@
-"""The hot path: every per-packet loop of turnd lives here.
+"""The hot path: every per-packet line of turnd lives here.
 
-Sockets are non-blocking; each loop waits for readability with trio, then
-drains the socket in bounded batches (``BATCH``), reading the clock once per
-batch.  No message objects, logging or awaits per packet; a full socket
-buffer drops and counts.
+One ``RelayEngine`` per process holds every UDP listen socket and every relay
+socket in one level-triggered ``select.epoll``; a single trio task waits on
+the epoll descriptor (``trio.lowlevel.wait_readable``) and, per wakeup, takes
+up to ``MAX_EVENTS`` ready sockets: a relay socket is read once (the next
+datagram waits for the next round, so a busy peer can't starve the others and
+no read ends in EAGAIN), a listen socket is drained up to ``BATCH`` datagrams.
+Every datagram goes through one shared buffer with headroom; counters are
+kept in locals and added up per batch; the clock is read once per batch.  No
+task, buffer or coroutine per allocation, no message objects, logging, awaits
+or exceptions per packet; a full socket buffer drops and counts.
 
-- ``listener_loop``: datagrams from clients on a UDP listen socket.
-  ChannelData and plain Send indications are forwarded right here (two dict
-  lookups and an expiry check); everything else goes to the slow path, the
-  sans-I/O core.
-- ``relay_loop``: datagrams from peers on a relay socket, written into
-  headroom in front of the payload as ChannelData or a Data indication and
-  sent to the client with one ``sendto``.
+- Client to peer (listen sockets): ChannelData and plain Send indications are
+  forwarded right here (two dict lookups and an expiry check); everything
+  else goes to the slow path, the sans-I/O core.
+- Peer to client (relay sockets): the ChannelData or Data indication header
+  is written into the headroom in front of the payload and the client gets
+  one slice.  Where the client is, is its allocation's ``client_handle``: a
+  ``UdpClient`` (a listen socket and an address); stream clients plug in with
+  the same ``send`` (the engine writes UDP clients inline).
 - ``Forwarder``: the routing rules shared by both directions and by the slow
   path: a peer that is one of turnd's own relay addresses is delivered
   internally (relay-to-relay calls never depend on NAT hairpinning); any
   other port on turnd's own addresses is never reached.
 
-Every loop is guarded: an exception while handling one datagram (a bug, never
+Every batch is guarded: an exception while handling one datagram (a bug, never
 bad input: the parsers here return None for anything they don't accept) drops
-that datagram, is counted and reported through ``on_error``, and the loop goes
-on serving everyone else.  ``try`` costs nothing in CPython 3.11 until it fires.
+that datagram, is counted and reported through ``on_error``, and the engine
+goes on serving everyone else (the sockets not yet read stay ready: epoll is
+level-triggered).  ``try`` costs nothing in CPython 3.11 until it fires.
 """
 
 from __future__ import annotations
 
+import ctypes
+import os
 import secrets
+import select
 import socket
 import struct
+import time
+import zlib
 
 import trio
 
+from . import mmsg
 from .stun import constants as c
-from .stun.attributes import encode_value
+from .stun.attributes import CODECS, encode_value
 
-BATCH = 64  # datagrams drained per wakeup before yielding to other tasks
+BATCH = 64  # datagrams drained from a listen socket per wakeup
+MAX_EVENTS = 256  # ready sockets handled per wakeup before other tasks run
+OUT_SLOTS = 64  # datagrams to UDP clients gathered for one sendmmsg
+LINGER = 0.0003  # under load, seconds to let datagrams gather before the next wakeup
+LINGER_RATE = 4000  # datagrams per second from which turnd lingers ("under load")
+RATE_WINDOW = 0.1  # seconds over which that rate is measured
 BUFFER_SIZE = 65536
 HEADROOM = 64  # room for a Data indication header in front of the payload
+_STRIDE = HEADROOM + BUFFER_SIZE + 64  # one slot of an arena: headroom, a datagram, padding
 ZEROS = b"\x00\x00\x00\x00"
 _COOKIE_BYTES = c.MAGIC_COOKIE_BYTES
 _DATA_INDICATION = 0x0017
 _TLV = struct.Struct("!HH")
 _DATA_HEADER = struct.Struct("!HHI12s")
 _PEER_CACHE_MAX = 1024
+_FAST_ATTRIBUTES = 8  # a Send indication with more goes to the slow path (the codec's cap is >= 16)
+# Comprehension-optional attributes the codec decodes (and may refuse): not skipped here.
+_KNOWN_OPTIONAL = frozenset(t for t in CODECS if t >= 0x8000)
 _MAX_LENGTH = 0xFFFF  # a STUN message's length field is 16 bits
 _TID_BLOCK = 12 * 1024
 
@@ -51,7 +74,7 @@ class RelayStats:
     __slots__ = ("packets_in", "packets_slow_path", "to_peer", "to_client", "internal",
                  "send_dropped", "recv_errors", "dropped_no_allocation", "dropped_no_channel",
                  "dropped_no_permission", "dropped_own_address", "dropped_malformed",
-                 "dropped_too_big", "internal_errors")
+                 "dropped_too_big", "internal_errors", "wakeups", "events")
 
     def __init__(self) -> None:
         for name in self.__slots__:
@@ -117,6 +140,28 @@ def data_indication_header(alloc, peer: tuple, n: int) -> bytes | None:
             + attr + _TLV.pack(c.DATA_ATTR, n))
 
 
+class UdpClient:
+    """Where a UDP client is: the listen socket it talks to and its address.  With an
+    engine's ``queue``, what the engine relays to it leaves in that wakeup's sendmmsg."""
+
+    __slots__ = ("sock", "addr", "queue", "key", "name", "name_ptr", "namelen")
+
+    def __init__(self, sock: socket.socket, addr: tuple, queue: mmsg.SendBatch | None = None):
+        self.sock, self.addr, self.queue = sock, addr, queue
+        raw = mmsg.sockaddr(addr)  # built once: the engine sends with its address
+        self.key = mmsg.key_of(raw)
+        self.name = ctypes.create_string_buffer(raw, len(raw))
+        self.name_ptr, self.namelen = ctypes.addressof(self.name), len(raw)
+
+    def send(self, data) -> bool:
+        """Send one datagram; False when it was dropped (a full buffer, an ICMP error)."""
+        try:
+            self.sock.sendto(data, self.addr)
+            return True
+        except OSError:
+            return False
+
+
 class Forwarder:
     """Routing shared by the loops and the slow path (see the module docstring)."""
 
@@ -168,11 +213,9 @@ class Forwarder:
                 self.stats.dropped_too_big += 1
                 return
             frame = header + payload + ZEROS[:-n % 4]
-        sock, addr = alloc.client_handle
-        try:
-            sock.sendto(frame, addr)
+        if alloc.client_handle.send(frame):
             self.stats.to_client += 1
-        except OSError:
+        else:
             self.stats.send_dropped += 1
 
 
@@ -190,21 +233,25 @@ def peer_from_xor_untrusted(value, tid: bytes) -> tuple | None:
 
 
 def send_indication_untrusted(view, n: int):
-    """(peer, start, end) of a plain Send indication, or None for the slow path.
+    """(peer, start, end) of a Send indication as browsers send it, or None for the slow path.
 
     Accepts only what the codec decodes to the same peer and data and the core would
-    relay: exactly one well-formed XOR-PEER-ADDRESS, exactly one DATA, at most one
-    empty DONT-FRAGMENT, and nothing else.  Any other message is the slow path's
-    to judge (tests/test_fast_path.py holds the two to agreement)."""
+    relay: exactly one well-formed XOR-PEER-ADDRESS, exactly one DATA, at most one empty
+    DONT-FRAGMENT, unknown comprehension-optional attributes (ignored, as the core does),
+    and a FINGERPRINT, which must be last and right (Firefox puts one on every Send
+    indication; it is checked, as the core would: RFC 8489 §14.7).  Anything else, at most
+    ``_FAST_ATTRIBUTES`` attributes, is the slow path's to judge (tests/test_fast_path.py
+    and the fuzzer hold the two to agreement)."""
     if (n < 20 or view[0] or view[1] != 0x16 or (view[2] << 8 | view[3]) + 20 != n
             or view[4:8] != _COOKIE_BYTES):
         return None
-    pos, peer, data, dont_fragment = 20, None, None, False
+    pos, peer, data, dont_fragment, count = 20, None, None, False, 0
     while pos + 4 <= n:
         attr_type = (view[pos] << 8) | view[pos + 1]
         length = (view[pos + 2] << 8) | view[pos + 3]
         end = pos + 4 + length
-        if end > n:
+        count += 1
+        if end > n or count > _FAST_ATTRIBUTES:
             return None
         if attr_type == c.XOR_PEER_ADDRESS and peer is None:
             peer = peer_from_xor_untrusted(view[pos + 4:end], bytes(view[8:20]))
@@ -214,8 +261,12 @@ def send_indication_untrusted(view, n: int):
             data = (pos + 4, end)
         elif attr_type == c.DONT_FRAGMENT and not length and not dont_fragment:
             dont_fragment = True
-        else:
-            return None
+        elif attr_type == c.FINGERPRINT:
+            if length != 4 or end != n or (zlib.crc32(view[:pos]) ^ c.FINGERPRINT_XOR) != (
+                    (view[pos + 4] << 24) | (view[pos + 5] << 16) | (view[pos + 6] << 8) | view[pos + 7]):
+                return None
+        elif attr_type < 0x8000 or attr_type in _KNOWN_OPTIONAL:
+            return None  # required (known or not), or known and optional: the codec's to check
         pos = end + (-length % 4)
     if pos != n or peer is None or data is None:
         return None
@@ -226,162 +277,365 @@ def _ignore_error() -> None:
     pass
 
 
-async def listener_loop(sock: socket.socket, clients: dict, forwarder: Forwarder, slow_path,
-                        now_fn, channel_end: int = 0x50, on_error=_ignore_error) -> None:
-    """Read client datagrams from a UDP listen socket.
+class _TimerFd:
+    """A Linux timerfd with microsecond precision (trio.sleep rounds to milliseconds): the
+    engine's linger.  os.timerfd_* where Python has them (3.13), else libc through ctypes."""
 
-    ``clients`` maps a client (ip, port) to its allocation on this socket;
-    ``slow_path(data: bytes, addr, sock)`` handles everything else and must
-    not block.  First bytes 0x40 up to ``channel_end`` are ChannelData.
-    ``on_error()`` is called (inside ``except``) when handling a datagram failed.
-    """
-    stats = forwarder.stats
-    buf = bytearray(BUFFER_SIZE)
-    view = memoryview(buf)
-    recvfrom_into = sock.recvfrom_into
-    v6 = sock.family == socket.AF_INET6
-    own_ips = forwarder.own_ips
-    wait_readable = trio.lowlevel.wait_readable
-    checkpoint = trio.lowlevel.checkpoint
-    while True:
-        await wait_readable(sock)
-        now = now_fn()
+    def __init__(self) -> None:
+        if hasattr(os, "timerfd_create"):
+            self.fd = os.timerfd_create(time_clock_monotonic(), os.TFD_NONBLOCK | os.TFD_CLOEXEC)
+            self._set = lambda seconds: os.timerfd_settime(self.fd, initial=seconds)
+            return
+        import ctypes
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.timerfd_create.argtypes = (ctypes.c_int, ctypes.c_int)
+        self.fd = libc.timerfd_create(1, 0o4000 | 0o2000000)  # MONOTONIC, NONBLOCK|CLOEXEC
+        if self.fd < 0:
+            raise OSError(ctypes.get_errno(), "timerfd_create")
+        spec = (ctypes.c_long * 4)()  # struct itimerspec {interval; value}
+        settime = libc.timerfd_settime
+        settime.argtypes = (ctypes.c_int, ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p)
+        fd, ref = self.fd, ctypes.byref(spec)
+
+        def set_(seconds: float) -> None:
+            spec[2] = int(seconds)
+            spec[3] = int((seconds - int(seconds)) * 1e9)
+            settime(fd, 0, ref, None)
+        self._set = set_
+
+    async def sleep(self, seconds: float) -> None:
+        self._set(seconds)
+        await trio.lowlevel.wait_readable(self.fd)
         try:
-            for _ in range(BATCH):
-                try:
-                    n, addr = recvfrom_into(buf)
-                except BlockingIOError:
-                    break
-                except OSError:  # e.g. ECONNREFUSED from an earlier ICMP error
-                    stats.recv_errors += 1
-                    continue
-                stats.packets_in += 1
-                if v6:
-                    addr = addr[:2]
-                first = buf[0] if n else 0xFF
-                if 0x40 <= first < channel_end:  # ChannelData
-                    alloc = clients.get(addr)
-                    if alloc is None or n < 4 or alloc.expires < now:
-                        stats.dropped_no_allocation += 1
-                        continue
-                    length = (buf[2] << 8) | buf[3]
-                    if 4 + length > n:
-                        stats.dropped_malformed += 1
-                        continue
-                    ch = alloc.channels.get((first << 8) | buf[1])
-                    if ch is None or ch.expires < now:
-                        stats.dropped_no_channel += 1
-                        continue
-                    peer = ch.peer
-                    expiry = alloc.permissions.get(peer[0])
-                    if expiry is None or expiry < now:
-                        stats.dropped_no_permission += 1
-                        continue
-                    if ch.own:
-                        forwarder.to_peer(ch.relay, peer, view[4:4 + length], now)
-                        continue
+            os.read(self.fd, 8)
+        except BlockingIOError:
+            pass
+
+    def close(self) -> None:
+        os.close(self.fd)
+
+
+def time_clock_monotonic() -> int:
+    import time
+    return time.CLOCK_MONOTONIC
+
+
+_LISTENER, _RELAY = 1, 0
+
+
+class RelayEngine:
+    """Every UDP listen socket and relay socket of the process in one epoll set, served by
+    one trio task (``run``).  See the module docstring."""
+
+    def __init__(self, forwarder: Forwarder, now_fn, on_error=_ignore_error):
+        self.forwarder = forwarder
+        self.stats = forwarder.stats
+        self.now_fn = now_fn
+        self.on_error = on_error
+        self.ep = select.epoll()
+        # fd -> (_RELAY, recvfrom_into, alloc, permissions, peer_channels, v6)
+        #     | (_LISTENER, sock, clients, slow_path, channel_end, v6)
+        self.handlers: dict[int, tuple] = {}
+        # Datagrams for UDP clients: read into a slot of the arena (headroom in front),
+        # then sent with one sendmmsg per listen socket per wakeup.
+        self.arena = bytearray(OUT_SLOTS * _STRIDE)
+        view = memoryview(self.arena)
+        self.arena_base = ctypes.addressof((ctypes.c_char * len(self.arena)).from_buffer(self.arena))
+        self.slot_into = [view[k * _STRIDE + HEADROOM:k * _STRIDE + HEADROOM + BUFFER_SIZE]
+                          for k in range(OUT_SLOTS)]
+        self.queues: dict[int, mmsg.SendBatch] = {}  # listen socket fd -> its clients' datagrams
+        if not mmsg.AVAILABLE:
+            raise RuntimeError("turnd's relay engine needs Linux (epoll, recvmmsg, sendmmsg)")
+
+    def __len__(self) -> int:
+        return len(self.handlers)
+
+    def add_client(self, sock: socket.socket, addr: tuple, alloc) -> UdpClient:
+        """A UDP client of listen socket ``sock`` has allocation ``alloc``: its ChannelData
+        and Send indications are relayed here from now on.  Returns where the client is."""
+        client = UdpClient(sock, addr, self.queues[sock.fileno()])
+        self.handlers[sock.fileno()][2][client.key] = alloc
+        return client
+
+    def remove_client(self, client: UdpClient) -> None:
+        h = self.handlers.get(client.sock.fileno())
+        if h is not None:
+            h[2].pop(client.key, None)
+
+    def add_listener(self, sock: socket.socket, slow_path, channel_end: int) -> None:
+        """Serve a UDP listen socket: ChannelData and Send indications of its clients with
+        an allocation are relayed here; ``slow_path(data, addr, sock)`` takes everything
+        else and must not block.  First bytes 0x40 up to ``channel_end`` are ChannelData."""
+        fd = sock.fileno()
+        self.queues[fd] = mmsg.SendBatch(sock, OUT_SLOTS)
+        arena = bytearray(BATCH * _STRIDE)
+        batch = mmsg.RecvBatch(sock, arena, BATCH, _STRIDE, HEADROOM, BUFFER_SIZE)
+        clients: dict[bytes, object] = {}  # mmsg.key_of(sockaddr) -> allocation
+        self.handlers[fd] = (_LISTENER, sock, clients, slow_path, channel_end, batch)
+        self.ep.register(fd, select.EPOLLIN)
+
+    def add_relay(self, relay) -> None:
+        """Serve a relay socket (its allocation's ``client_handle`` must be set)."""
+        sock, alloc = relay.handle, relay.alloc
+        fd = sock.fileno()
+        self.handlers[fd] = (_RELAY, sock.recvfrom_into, alloc, alloc.permissions,
+                             alloc.peer_channels, sock.family == socket.AF_INET6)
+        self.ep.register(fd, select.EPOLLIN)
+
+    def remove(self, sock: socket.socket) -> None:
+        """Stop serving a socket; call before closing it."""
+        fd = sock.fileno()
+        if fd >= 0 and self.handlers.pop(fd, None) is not None:
+            self.ep.unregister(fd)
+
+    def close(self) -> None:
+        self.ep.close()
+
+    async def run(self) -> None:
+        wait_readable = trio.lowlevel.wait_readable
+        checkpoint = trio.lowlevel.checkpoint
+        epfd = self.ep.fileno()
+        poll = self.ep.poll
+        stats = self.stats
+        timer = _TimerFd()
+        monotonic = time.monotonic
+        window_start, window_packets, lingering = monotonic(), 0, False
+        try:
+            while True:
+                await wait_readable(epfd)
+                while True:
+                    events = poll(0, MAX_EVENTS)
+                    if not events:
+                        break
+                    stats.wakeups += 1
+                    stats.events += len(events)
                     try:
-                        ch.relay.handle.sendto(view[4:4 + length], peer)
-                        stats.to_peer += 1
-                    except OSError:
-                        stats.send_dropped += 1
+                        packets, full = self._batch(events, self.now_fn())
+                    except Exception:  # a bug: that datagram is dropped, the others are served
+                        stats.internal_errors += 1
+                        self.on_error()
+                        packets, full = 0, False
+                    # Coalescing: under load, wait LINGER before looking again, so the next
+                    # wakeup finds many datagrams, not one: trio's per-wakeup cost and the
+                    # system calls are shared by all of them.  Idle, no wait: no latency.
+                    window_packets += packets
+                    t = monotonic()
+                    if t - window_start >= RATE_WINDOW:
+                        lingering = window_packets >= LINGER_RATE * (t - window_start)
+                        window_start, window_packets = t, 0
+                    if full:
+                        await checkpoint()  # more is waiting: let others run, go on at once
+                    elif lingering:
+                        await timer.sleep(LINGER)
+                    else:
+                        break
+        finally:
+            timer.close()
+
+    def _batch(self, events: list, now: float) -> tuple[int, bool]:
+        """One wakeup's ready sockets: (datagrams handled, whether a limit was hit).
+        Counters in locals, added up at the end.  With many sockets ready each relay
+        socket is read once (the rest waits: fair, and no read ends in EAGAIN); with few,
+        each is drained up to ``reads`` datagrams (one hot flow is not held back)."""
+        handlers = self.handlers
+        blocked = self.forwarder.blocked_sources
+        arena = self.arena
+        aview = memoryview(arena)
+        base = self.arena_base
+        slot_into = self.slot_into
+        pack_name, pack_iov = mmsg.NAME.pack_into, mmsg.IOV.pack_into
+        mmsg_size, iov_size = mmsg.MMSG_SIZE, mmsg.IOV_SIZE
+        slot = 0
+        udp_client = UdpClient
+        to_client = dropped = send_dropped = recv_errors = too_big = received = 0
+        full = len(events) == MAX_EVENTS
+        reads = max(1, BATCH // len(events))
+        try:
+            for fd, _ in events:
+                h = handlers.get(fd)
+                if h is None:
+                    continue  # removed earlier in this batch
+                if h[0]:
+                    got, more = self._drain(h, now)
+                    received += got
+                    full = full or more
                     continue
-                if first == 0:  # a Send indication? (the parser checks the type)
-                    alloc = clients.get(addr)
-                    found = send_indication_untrusted(view, n) if alloc is not None else None
-                    if found is not None:
-                        peer, start, end = found
-                        relay = alloc.relays.get(6 if ":" in peer[0] else 4)
-                        expiry = alloc.permissions.get(peer[0])
-                        if relay is None or expiry is None or expiry < now or alloc.expires < now:
-                            stats.dropped_no_permission += 1
+                _, recv_into, alloc, permissions, peer_channels, v6 = h
+                for _ in range(reads):
+                    try:
+                        n, addr = recv_into(slot_into[slot])
+                    except BlockingIOError:  # drained (or the fd was reused in this batch)
+                        break
+                    except OSError:  # e.g. ECONNREFUSED from an earlier ICMP error
+                        recv_errors += 1
+                        continue
+                    received += 1
+                    if v6:
+                        addr = addr[:2]
+                    ip = addr[0]
+                    expiry = permissions.get(ip)
+                    if expiry is None or expiry < now or alloc.expires < now or ip in blocked:
+                        dropped += 1
+                        continue
+                    ch = peer_channels.get(addr)
+                    head = slot * _STRIDE + HEADROOM  # where the payload is
+                    if ch is not None and ch.expires >= now:
+                        start = head - 4
+                        number = ch.number
+                        arena[start] = number >> 8
+                        arena[start + 1] = number & 0xFF
+                        arena[start + 2] = n >> 8
+                        arena[start + 3] = n & 0xFF
+                        end = head + n
+                    else:
+                        header = data_indication_header(alloc, addr, n)
+                        if header is None:
+                            too_big += 1
                             continue
-                        if peer[0] in own_ips:
-                            forwarder.to_peer(relay, peer, view[start:end], now)
+                        start = head - len(header)
+                        arena[start:head] = header
+                        end = head + n
+                        pad = -n % 4
+                        if pad:
+                            arena[end:end + pad] = ZEROS[:pad]
+                            end += pad
+                    client = alloc.client_handle
+                    if client.__class__ is udp_client:
+                        q = client.queue
+                        if q is not None:  # into this wakeup's sendmmsg
+                            k = q.count
+                            pack_name(q.names, k * mmsg_size, client.name_ptr, client.namelen)
+                            pack_iov(q.iovs_mv, k * iov_size, base + start, end - start)
+                            q.count = k + 1
+                            slot += 1
+                            if slot == OUT_SLOTS:
+                                sent, lost = self._flush()
+                                to_client += sent
+                                send_dropped += lost
+                                slot = 0
                             continue
                         try:
-                            relay.handle.sendto(view[start:end], peer)
-                            stats.to_peer += 1
+                            client.sock.sendto(aview[start:end], client.addr)
+                            to_client += 1
                         except OSError:
-                            stats.send_dropped += 1
-                        continue
-                stats.packets_slow_path += 1
-                slow_path(bytes(view[:n]), addr, sock)
-            else:  # the batch cap was hit: let other tasks run before draining more
-                await checkpoint()
-        except Exception:  # a bug: that datagram is dropped, the others are served
-            stats.internal_errors += 1
-            on_error()
-
-
-async def relay_loop(relay, forwarder: Forwarder, now_fn, on_error=_ignore_error) -> None:
-    """Read peer datagrams on one relay socket and send them to the client.
-    Returns when the socket is closed (the allocation ended)."""
-    sock = relay.handle
-    alloc = relay.alloc
-    stats = forwarder.stats
-    blocked = forwarder.blocked_sources
-    buf = bytearray(HEADROOM + BUFFER_SIZE + 4)
-    view = memoryview(buf)
-    into = view[HEADROOM:HEADROOM + BUFFER_SIZE]
-    recvfrom_into = sock.recvfrom_into
-    v6 = sock.family == socket.AF_INET6
-    wait_readable = trio.lowlevel.wait_readable
-    checkpoint = trio.lowlevel.checkpoint
-    permissions = alloc.permissions
-    peer_channels = alloc.peer_channels
-    while sock.fileno() >= 0:  # the core closes it when the allocation ends
-        try:
-            await wait_readable(sock)
-        except trio.ClosedResourceError:
-            return
-        now = now_fn()
-        live = alloc.expires >= now  # an expired allocation drops until the sweep closes it
-        client_sock, client_addr = alloc.client_handle
-        try:
-            for _ in range(BATCH):
-                try:
-                    n, addr = recvfrom_into(into)
-                except BlockingIOError:
-                    break
-                except OSError:
-                    stats.recv_errors += 1
-                    continue
-                if v6:
-                    addr = addr[:2]
-                ip = addr[0]
-                expiry = permissions.get(ip)
-                if expiry is None or expiry < now or ip in blocked or not live:
-                    stats.dropped_no_permission += 1
-                    continue
-                ch = peer_channels.get(addr)
-                if ch is not None and ch.expires >= now:
-                    start = HEADROOM - 4
-                    number = ch.number
-                    buf[start] = number >> 8
-                    buf[start + 1] = number & 0xFF
-                    buf[start + 2] = n >> 8
-                    buf[start + 3] = n & 0xFF
-                    end = HEADROOM + n
+                            send_dropped += 1
+                    elif client.send(aview[start:end]):
+                        to_client += 1
+                    else:
+                        send_dropped += 1
                 else:
-                    header = data_indication_header(alloc, addr, n)
-                    if header is None:
-                        stats.dropped_too_big += 1
-                        continue
-                    start = HEADROOM - len(header)
-                    buf[start:HEADROOM] = header
-                    end = HEADROOM + n
-                    pad = -n % 4
-                    if pad:
-                        buf[end:end + pad] = ZEROS[:pad]
-                        end += pad
+                    full = full or reads > 1  # a hot socket may hold more
+        finally:
+            if slot:
+                sent, lost = self._flush()
+                to_client += sent
+                send_dropped += lost
+            stats = self.stats
+            stats.to_client += to_client
+            stats.dropped_no_permission += dropped
+            stats.send_dropped += send_dropped
+            stats.recv_errors += recv_errors
+            stats.dropped_too_big += too_big
+        return received, full
+
+    def _flush(self) -> tuple[int, int]:
+        sent = dropped = 0
+        for q in self.queues.values():
+            if q.count:
+                s, d = q.flush()
+                sent += s
+                dropped += d
+        return sent, dropped
+
+    def _drain(self, h: tuple, now: float) -> tuple[int, bool]:
+        """Up to BATCH datagrams from clients on a listen socket, with one recvmmsg: (how
+        many, whether more may be waiting)."""
+        _, sock, clients, slow_path, channel_end, batch = h
+        forwarder = self.forwarder
+        own_ips = forwarder.own_ips
+        n_got = batch.receive(BATCH)
+        if n_got <= 0:
+            if n_got < 0:  # e.g. ECONNREFUSED from an earlier ICMP error: read again next time
+                self.stats.recv_errors += 1
+            return 0, n_got < 0
+        arena = batch.buffer
+        aview = memoryview(arena)
+        views, starts, names, lens = batch.views, batch.starts, batch.names, batch.lens
+        namelen = batch.namelen
+        v6 = namelen == 28
+        unpack_len = mmsg.LEN.unpack_from
+        mmsg_size, len_offset = mmsg.MMSG_SIZE, mmsg.LEN_OFFSET
+        to_peer = no_alloc = malformed = no_channel = no_perm = send_dropped = slow = 0
+        try:
+            for j in range(n_got):
                 try:
-                    client_sock.sendto(view[start:end], client_addr)
-                    stats.to_client += 1
-                except OSError:
-                    stats.send_dropped += 1
-            else:  # the batch cap was hit: let other tasks run before draining more
-                await checkpoint()
-        except Exception:  # a bug: that datagram is dropped, the others are served
-            stats.internal_errors += 1
-            on_error()
+                    n = unpack_len(lens, j * mmsg_size + len_offset)[0]
+                    o = j * namelen
+                    if v6:
+                        key = bytes(names[o + 2:o + 4]) + bytes(names[o + 8:o + 24])
+                    else:
+                        key = bytes(names[o + 2:o + 8])
+                    start = starts[j]
+                    first = arena[start] if n else 0xFF
+                    if 0x40 <= first < channel_end:  # ChannelData
+                        alloc = clients.get(key)
+                        if alloc is None or n < 4 or alloc.expires < now:
+                            no_alloc += 1
+                            continue
+                        length = (arena[start + 2] << 8) | arena[start + 3]
+                        if 4 + length > n:
+                            malformed += 1
+                            continue
+                        ch = alloc.channels.get((first << 8) | arena[start + 1])
+                        if ch is None or ch.expires < now:
+                            no_channel += 1
+                            continue
+                        peer = ch.peer
+                        expiry = alloc.permissions.get(peer[0])
+                        if expiry is None or expiry < now:
+                            no_perm += 1
+                            continue
+                        if ch.own:
+                            forwarder.to_peer(ch.relay, peer, aview[start + 4:start + 4 + length], now)
+                            continue
+                        try:
+                            ch.relay.handle.sendto(aview[start + 4:start + 4 + length], peer)
+                            to_peer += 1
+                        except OSError:
+                            send_dropped += 1
+                        continue
+                    if first == 0:  # a Send indication? (the parser checks the type)
+                        alloc = clients.get(key)
+                        found = send_indication_untrusted(views[j], n) if alloc is not None else None
+                        if found is not None:
+                            peer, begin, end = found
+                            relay = alloc.relays.get(6 if ":" in peer[0] else 4)
+                            expiry = alloc.permissions.get(peer[0])
+                            if relay is None or expiry is None or expiry < now or alloc.expires < now:
+                                no_perm += 1
+                                continue
+                            if peer[0] in own_ips:
+                                forwarder.to_peer(relay, peer, aview[start + begin:start + end], now)
+                                continue
+                            try:
+                                relay.handle.sendto(aview[start + begin:start + end], peer)
+                                to_peer += 1
+                            except OSError:
+                                send_dropped += 1
+                            continue
+                    slow += 1
+                    slow_path(bytes(aview[start:start + n]), mmsg.address(key), sock)
+                except Exception:  # a bug: this datagram is dropped, not the batch
+                    self.stats.internal_errors += 1
+                    self.on_error()
+        finally:
+            stats = self.stats
+            stats.packets_in += n_got
+            stats.to_peer += to_peer
+            stats.dropped_no_allocation += no_alloc
+            stats.dropped_malformed += malformed
+            stats.dropped_no_channel += no_channel
+            stats.dropped_no_permission += no_perm
+            stats.send_dropped += send_dropped
+            stats.packets_slow_path += slow
+        return n_got, n_got == BATCH

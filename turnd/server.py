@@ -25,7 +25,8 @@ import trio
 from . import relay
 from .auth import AnyOf, RestSecrets, StaticUsers
 from .config import Config
-from .sockets import host_addresses, local_address, open_relay_socket, open_socket
+from .sockets import (StartupError, host_addresses, local_address, open_relay_socket,
+                      open_socket)
 from .stun.errors import StunDecodeError
 from .stun.framing import StreamFramer
 from .turn.policy import PeerPolicy
@@ -77,10 +78,11 @@ class Running:
 
 
 class SocketBinder:
-    """The core's RelayBinder seam: real non-blocking UDP sockets."""
+    """The core's RelayBinder seam: real non-blocking UDP sockets, served by the engine."""
 
     def __init__(self, log_limited: RateLimitedLog):
         self.log_limited = log_limited
+        self.engine: relay.RelayEngine | None = None  # set once the engine exists
 
     def bind(self, ip: str, port: int, dont_fragment: bool):
         try:
@@ -93,10 +95,8 @@ class SocketBinder:
             raise BindFailed() from None
 
     def unbind(self, sock: socket.socket) -> None:
-        try:
-            trio.lowlevel.notify_closing(sock)  # wakes its relay task with ClosedResourceError
-        except RuntimeError:  # not inside trio (a unit test of the core)
-            pass
+        if self.engine is not None:
+            self.engine.remove(sock)
         sock.close()
 
 
@@ -130,18 +130,17 @@ class Shell:
     def __init__(self, config: Config, listen: tuple):
         self.config = config
         self.log_limited = RateLimitedLog()
-        self.core = make_core(config, listen, SocketBinder(self.log_limited))
+        binder = SocketBinder(self.log_limited)
+        self.core = make_core(config, listen, binder)
         self.stats = relay.RelayStats()
         self.forwarder = relay.Forwarder(self.core, self.stats)
+        self.engine = binder.engine = relay.RelayEngine(self.forwarder, self.now,
+                                                        self.internal_error)
         self.tcp_stats = {"connections": 0, "open": 0, "closed_not_stun": 0, "closed_idle": 0,
                           "closed_reset": 0, "refused_per_ip": 0, "refused_total": 0,
                           "accept_errors": 0}
         self.tcp_per_ip: dict[str, int] = {}  # by client_key: IPv4 address, IPv6 /64
         self.tcp_cap = tcp_cap(config)
-        # UDP listen socket address -> {client (ip, port): allocation}
-        self.udp_clients: dict[tuple, dict] = {}
-        self.relay_scopes: dict[int, list[trio.CancelScope]] = {}
-        self.nursery: trio.Nursery | None = None
         self.internal_errors = 0
         # Wall-clock seconds, advanced by trio's clock (so autojump_clock drives expiry too).
         self._wall_offset = time.time() - trio.current_time()
@@ -173,30 +172,16 @@ class Shell:
                                  action.code, action.note)
 
     def _start_relaying(self, alloc, sock, addr) -> None:
-        alloc.client_handle = (sock, addr)
-        self.udp_clients[alloc.five_tuple.server][alloc.five_tuple.client] = alloc
-        scopes = self.relay_scopes[id(alloc)] = []
+        alloc.client_handle = self.engine.add_client(sock, addr, alloc)
         for r in alloc.relays.values():
-            scope = trio.CancelScope()
-            scopes.append(scope)
-            self.nursery.start_soon(self._relay_task, r, scope)
+            self.engine.add_relay(r)
         log.debug("allocation for %r: relays %s", alloc.username,
                   [r.address for r in alloc.relays.values()])
 
     def _stop_relaying(self, alloc) -> None:
-        # The core has closed the relay sockets already (binder.unbind).
-        self.udp_clients.get(alloc.five_tuple.server, {}).pop(alloc.five_tuple.client, None)
-        for scope in self.relay_scopes.pop(id(alloc), ()):
-            scope.cancel()
-
-    async def _relay_task(self, r, scope: trio.CancelScope) -> None:
-        try:
-            with scope:
-                await relay.relay_loop(r, self.forwarder, self.now, self.internal_error)
-        except Exception:  # never reaches the nursery: that relay stops, the rest go on
-            self.internal_error()
-        finally:
-            r.handle.close()
+        # The core has removed and closed the relay sockets already (binder.unbind).
+        if alloc.client_handle is not None:
+            self.engine.remove_client(alloc.client_handle)
 
     # --- the slow path and the other tasks -----------------------------------------------
 
@@ -342,15 +327,29 @@ def raise_file_limit() -> int:
     return soft
 
 
+def open_pair(host: str, port: int) -> tuple[socket.socket, socket.socket]:
+    """The UDP and TCP listen sockets of one endpoint.  Port 0 (tests): the TCP socket takes
+    the port the UDP socket got; if that TCP port is taken, try another."""
+    for attempt in range(20):
+        udp = open_socket("udp", host, port)
+        try:
+            return udp, open_socket("tcp", host, port or local_address(udp)[1])
+        except StartupError:
+            udp.close()
+            if port or attempt == 19:
+                raise
+    raise AssertionError("unreachable")
+
+
 async def serve(config: Config, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
     """Serve until cancelled.  Started with ``nursery.start``, it returns a ``Running``."""
     udp_socks: list[socket.socket] = []
     tcp_socks: list[socket.socket] = []
     try:
         for ep in config.server.listen:
-            udp_socks.append(open_socket("udp", ep.host, ep.port))
-            # Port 0 (tests): take the TCP port the UDP socket got.
-            tcp_socks.append(open_socket("tcp", ep.host, ep.port or local_address(udp_socks[-1])[1]))
+            udp, tcp = open_pair(ep.host, ep.port)
+            udp_socks.append(udp)
+            tcp_socks.append(tcp)
     except BaseException:
         for s in udp_socks + tcp_socks:
             s.close()
@@ -360,13 +359,10 @@ async def serve(config: Config, *, task_status=trio.TASK_STATUS_IGNORED) -> None
     shell = Shell(config, tuple(udp_addrs + tcp_addrs))
     try:
         async with trio.open_nursery() as nursery:
-            shell.nursery = nursery
             for sock, server in zip(udp_socks, udp_addrs):
-                clients = shell.udp_clients.setdefault(server, {})
-                nursery.start_soon(functools.partial(
-                    relay.listener_loop, sock, clients, shell.forwarder,
-                    functools.partial(shell.udp_slow_path, server), shell.now,
-                    (shell.core.config.channel_max >> 8) + 1, on_error=shell.internal_error))
+                shell.engine.add_listener(sock, functools.partial(shell.udp_slow_path, server),
+                                          (shell.core.config.channel_max >> 8) + 1)
+            nursery.start_soon(shell.engine.run)
             for sock in tcp_socks:
                 nursery.start_soon(shell.accept_loop, sock, nursery)
             nursery.start_soon(shell.sweeper)
@@ -374,6 +370,7 @@ async def serve(config: Config, *, task_status=trio.TASK_STATUS_IGNORED) -> None
                               tcp_stats=shell.tcp_stats, shell=shell)
             task_status.started(running)
     finally:
+        shell.engine.close()
         for s in udp_socks + tcp_socks:
             s.close()
         for alloc in list(shell.core.allocations.values()):

@@ -136,6 +136,7 @@ def fastpath(data: bytes) -> None:
     peer, start, end = found
     msg = decode_untrusted(data)  # what the fast path accepts, the codec decodes
     assert (msg.method, msg.cls) == (c.SEND, c.INDICATION) and not msg.unknown_required
+    assert msg.fingerprint_offset is None or verify_fingerprint(msg)
     assert msg.get(c.XOR_PEER_ADDRESS) == peer and msg.get(c.DATA_ATTR) == data[start:end]
     alloc.permissions[peer[0]] = h.now + 300
     actions = h.server.handle_untrusted(data, ft, h.now)

@@ -1,0 +1,410 @@
+#!/usr/bin/env python3
+"""A TURN load generator that works against any RFC 8656 server (turnd, coturn, ...).
+
+    python bench/turnbench.py WORKLOAD --port P --user U --password W [--pid PID] [options]
+
+Workloads:
+  calls   N allocations (--allocations), each relaying to one UDP echo peer through a
+          channel (or, with --send, Send/Data indications carrying FINGERPRINT, as Firefox
+          sends them), at a fixed offered rate (--rate, client->peer packets per second in
+          all); every packet comes back through the server: loss, round-trip p50/p99, and,
+          with --pid, the server's CPU per relayed packet
+  hot     one allocation, one channel, packets as fast as the server echoes them (a window
+          of --window in flight)
+  setup   allocations made one after another (Allocate, its 401 round trip, then Refresh 0),
+          from many source addresses (127.0.0.0/8) or, with --one-source, from one
+  idle    N idle allocations (--allocations, one ChannelBind each); with --pid, the server's
+          RSS before and after, per allocation
+
+With --pid, CPU and RSS are read from /proc for that process and all its descendants (a
+server with workers).  Output: one JSON object on stdout.  Everything is bounded (counts,
+--seconds, timeouts) and stops by itself; clients bind to 127.0.0.0/8 source addresses.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import select
+import socket
+import struct
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from turnd.stun import Message, decode_untrusted, encode, long_term_key  # noqa: E402
+from turnd.stun import constants as c  # noqa: E402
+
+# --- /proc ---------------------------------------------------------------------------
+
+
+def _children(pid: int) -> list[int]:
+    out = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    if int(f.read().rsplit(")", 1)[1].split()[1]) == pid:
+                        out.append(int(entry))
+            except (OSError, ValueError, IndexError):
+                pass
+    return out
+
+
+def server_pids(pid: int) -> list[int]:
+    pids, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        pids.append(p)
+        todo += _children(p)
+    return pids
+
+
+def cpu_seconds(pid: int | None) -> float:
+    if pid is None:
+        return 0.0
+    total = 0.0
+    for p in server_pids(pid):
+        try:
+            with open(f"/proc/{p}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+            total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        except OSError:
+            pass
+    return total
+
+
+def rss_kib(pid: int | None) -> int:
+    if pid is None:
+        return 0
+    total = 0
+    for p in server_pids(pid):
+        try:
+            with open(f"/proc/{p}/status") as f:
+                for line in f:
+                    if line.startswith("VmRSS:"):
+                        total += int(line.split()[1])
+        except OSError:
+            pass
+    return total
+
+
+# --- a TURN client ----------------------------------------------------------------------
+
+def source_address(i: int) -> str:
+    """127.1.x.y: many source addresses, none of them the server's own 127.0.0.1."""
+    return f"127.1.{(i // 250) % 250}.{i % 250 + 1}"
+
+
+class Client:
+    """One allocation's client socket: synchronous requests during set-up."""
+
+    def __init__(self, server: tuple, user: str, password: str, source: str, rcvbuf: int = 0):
+        self.server, self.user, self.password = server, user, password
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        if rcvbuf:
+            self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
+        self.sock.bind((source, 0))
+        self.sock.settimeout(2.0)
+        self.realm = self.nonce = None
+        self.key = b""
+
+    def request(self, method: int, attrs: list, tries: int = 4) -> Message:
+        for _ in range(tries):
+            extra = []
+            if self.nonce:
+                extra = [(c.USERNAME, self.user), (c.REALM, self.realm), (c.NONCE, self.nonce)]
+            msg = Message(method, c.REQUEST, os.urandom(12), attrs + extra)
+            self.sock.sendto(encode(msg, key=self.key if self.nonce else None), self.server)
+            try:
+                while True:
+                    data = self.sock.recv(65536)
+                    if data[0] < 0x40:
+                        resp = decode_untrusted(data)
+                        if resp.transaction_id == msg.transaction_id:
+                            break
+            except socket.timeout:
+                continue  # lost (or rate-limited): retransmit
+            err = resp.get(c.ERROR_CODE)
+            if err is not None and err.code in (401, 438):
+                self.realm, self.nonce = resp.get(c.REALM), resp.get(c.NONCE)
+                self.key = long_term_key(self.user, self.realm, self.password)
+                continue
+            if err is not None:
+                raise RuntimeError(f"{c.METHOD_NAMES.get(method, method)}: {err.code} {err.reason}")
+            return resp
+        raise RuntimeError(f"{c.METHOD_NAMES.get(method, method)}: no answer")
+
+    def allocate(self) -> tuple:
+        return self.request(c.ALLOCATE, [(c.REQUESTED_TRANSPORT, 17)]).get(c.XOR_RELAYED_ADDRESS)
+
+
+def make_clients(args, n: int, rcvbuf: int = 0) -> list[Client]:
+    server = (args.host, args.port)
+    clients = []
+    for i in range(n):
+        source = "127.0.0.1" if getattr(args, "one_source", False) else source_address(i)
+        cl = Client(server, args.user, args.password, source, rcvbuf)
+        clients.append(cl)
+    return clients
+
+
+# --- an echo peer ---------------------------------------------------------------------------
+
+PEER_HOST = "127.0.0.2"  # not the server's own address: relayed as to any peer
+
+
+def start_echo_peer(host: str = PEER_HOST) -> tuple[int, tuple]:
+    """A UDP echo peer in a child process: (pid, address)."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    sock.bind((host, 0))
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 8 << 20)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 8 << 20)
+    addr = sock.getsockname()
+    pid = os.fork()
+    if pid == 0:  # the child: echo until killed
+        try:
+            buf = bytearray(65536)
+            view = memoryview(buf)
+            recv, send = sock.recvfrom_into, sock.sendto
+            while True:
+                n, a = recv(buf)
+                try:
+                    send(view[:n], a)
+                except OSError:
+                    pass
+        finally:
+            os._exit(0)
+    sock.close()
+    return pid, addr
+
+
+def stop(pid: int) -> None:
+    try:
+        os.kill(pid, 9)
+        os.waitpid(pid, 0)
+    except OSError:
+        pass
+
+
+# --- workloads -------------------------------------------------------------------------
+
+_SEQ = struct.Struct("!IQ")  # client index, send time (ns)
+
+
+def channel_frame(number: int, payload: bytes) -> bytes:
+    return struct.pack("!HH", number, len(payload)) + payload + b"\0" * (-len(payload) % 4)
+
+
+def send_indication(peer: tuple, payload: bytes) -> bytes:
+    msg = Message(c.SEND, c.INDICATION, os.urandom(12),
+                  [(c.XOR_PEER_ADDRESS, peer), (c.DATA_ATTR, payload)])
+    return encode(msg, fingerprint=True)
+
+
+def setup_calls(args, clients: list[Client], peer: tuple) -> None:
+    for cl in clients:
+        cl.allocate()
+        if args.send:
+            cl.request(c.CREATE_PERMISSION, [(c.XOR_PEER_ADDRESS, peer)])
+        else:
+            cl.request(c.CHANNEL_BIND, [(c.CHANNEL_NUMBER, 0x4000), (c.XOR_PEER_ADDRESS, peer)])
+
+
+def release(clients: list[Client]) -> None:
+    """Delete the allocations (Refresh 0) so the next run starts clean."""
+    for cl in clients:
+        cl.sock.settimeout(0.5)
+        if cl.nonce:
+            try:
+                cl.request(c.REFRESH, [(c.LIFETIME, 0)], tries=2)
+            except (RuntimeError, OSError):
+                pass
+        cl.sock.close()
+
+
+def payload_of(data: bytes, send_mode: bool) -> bytes | None:
+    """The echoed payload in a ChannelData or Data indication from the server."""
+    if not send_mode:
+        if data[0] < 0x40:
+            return None
+        n = (data[2] << 8) | data[3]
+        return data[4:4 + n]
+    if data[:2] != b"\x00\x17":
+        return None
+    try:
+        return decode_untrusted(data).get(c.DATA_ATTR)
+    except ValueError:
+        return None
+
+
+def run_calls(args) -> dict:
+    peer_pid, peer = start_echo_peer()
+    clients: list[Client] = []
+    try:
+        clients += make_clients(args, args.allocations, rcvbuf=1 << 20)
+        t0 = time.monotonic()
+        setup_calls(args, clients, peer)
+        setup_s = time.monotonic() - t0
+        pad = b"x" * max(0, args.size - _SEQ.size)
+        ep = select.epoll()
+        by_fd = {}
+        for i, cl in enumerate(clients):
+            cl.sock.setblocking(False)
+            ep.register(cl.sock.fileno(), select.EPOLLIN)
+            by_fd[cl.sock.fileno()] = i
+        n = len(clients)
+        interval = 1.0 / args.rate
+        total = int(args.rate * args.seconds)
+        rtts: list[int] = []
+        sent = received = 0
+        cpu0 = cpu_seconds(args.pid)
+        start = time.monotonic()
+        deadline = start + args.seconds + 2.0
+        while time.monotonic() < deadline and received < total:
+            now = time.monotonic()
+            due = min(total, int((now - start) / interval) + 1)
+            while sent < due:
+                i = sent % n
+                cl = clients[i]
+                body = _SEQ.pack(i, time.perf_counter_ns()) + pad
+                data = send_indication(peer, body) if args.send else channel_frame(0x4000, body)
+                try:
+                    cl.sock.sendto(data, cl.server)
+                except OSError:
+                    pass
+                sent += 1
+            for fd, _ in ep.poll(0.0005 if sent < total else 0.05):
+                sock = clients[by_fd[fd]].sock
+                while True:
+                    try:
+                        data = sock.recv(65536)
+                    except BlockingIOError:
+                        break
+                    body = payload_of(data, args.send)
+                    if body is None or len(body) < _SEQ.size:
+                        continue
+                    _, stamp = _SEQ.unpack_from(body)
+                    rtts.append(time.perf_counter_ns() - stamp)
+                    received += 1
+        elapsed = time.monotonic() - start
+        cpu = cpu_seconds(args.pid) - cpu0
+        relayed = 2 * received
+        rtts.sort()
+        pick = lambda q: rtts[min(len(rtts) - 1, int(q * len(rtts)))] / 1e6 if rtts else None
+        return {"workload": "calls-send" if args.send else "calls", "allocations": n,
+                "offered_pps": args.rate, "sent": sent, "received": received,
+                "loss_pct": 100.0 * (sent - received) / max(sent, 1),
+                "cpu_us_per_relayed": 1e6 * cpu / relayed if relayed and args.pid else None,
+                "server_cpu_pct": 100.0 * cpu / elapsed if args.pid else None,
+                "rtt_p50_ms": pick(0.5), "rtt_p99_ms": pick(0.99), "setup_s": setup_s,
+                "rss_kib": rss_kib(args.pid)}
+    finally:
+        stop(peer_pid)
+        release(clients)
+
+
+def run_hot(args) -> dict:
+    peer_pid, peer = start_echo_peer()
+    clients: list[Client] = []
+    try:
+        clients += make_clients(args, 1, rcvbuf=4 << 20)
+        cl = clients[0]
+        cl.allocate()
+        cl.request(c.CHANNEL_BIND, [(c.CHANNEL_NUMBER, 0x4000), (c.XOR_PEER_ADDRESS, peer)])
+        frame = channel_frame(0x4000, b"x" * args.size)
+        sock = cl.sock
+        sock.setblocking(False)
+        sent = received = 0
+        cpu0 = cpu_seconds(args.pid)
+        start = time.monotonic()
+        deadline = start + args.seconds
+        last = start
+        while time.monotonic() < deadline:
+            while sent - received < args.window:
+                try:
+                    sock.sendto(frame, cl.server)
+                except OSError:
+                    break
+                sent += 1
+            try:
+                while True:
+                    sock.recv(65536)
+                    received += 1
+                    last = time.monotonic()
+            except BlockingIOError:
+                pass
+            if time.monotonic() - last > 0.2:  # lost packets: refill the window
+                sent = received
+                last = time.monotonic()
+        elapsed = time.monotonic() - start
+        cpu = cpu_seconds(args.pid) - cpu0
+        return {"workload": "hot", "received": received, "relayed_pps": 2 * received / elapsed,
+                "cpu_us_per_relayed": 1e6 * cpu / (2 * received) if received and args.pid else None,
+                "server_cpu_pct": 100.0 * cpu / elapsed if args.pid else None}
+    finally:
+        stop(peer_pid)
+        release(clients)
+
+
+def run_setup(args) -> dict:
+    clients = make_clients(args, args.allocations)
+    cpu0 = cpu_seconds(args.pid)
+    start = time.monotonic()
+    done = 0
+    for cl in clients:
+        cl.allocate()
+        cl.request(c.REFRESH, [(c.LIFETIME, 0)])
+        cl.sock.close()
+        done += 1
+    elapsed = time.monotonic() - start
+    return {"workload": "setup-one-source" if args.one_source else "setup", "allocations": done,
+            "per_s": done / elapsed,
+            "cpu_ms_per_allocation": 1e3 * (cpu_seconds(args.pid) - cpu0) / done if args.pid else None}
+
+
+def run_idle(args) -> dict:
+    peer_pid, peer = start_echo_peer()
+    try:
+        before = rss_kib(args.pid)
+        clients = make_clients(args, args.allocations)
+        for cl in clients:
+            cl.allocate()
+            cl.request(c.CHANNEL_BIND, [(c.CHANNEL_NUMBER, 0x4000), (c.XOR_PEER_ADDRESS, peer)])
+        time.sleep(1.0)
+        after = rss_kib(args.pid)
+        release(clients)
+        return {"workload": "idle", "allocations": len(clients), "rss_before_kib": before,
+                "rss_after_kib": after,
+                "kib_per_allocation": (after - before) / len(clients) if args.pid else None}
+    finally:
+        stop(peer_pid)
+
+
+WORKLOADS = {"calls": run_calls, "hot": run_hot, "setup": run_setup, "idle": run_idle}
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("workload", choices=sorted(WORKLOADS))
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, required=True)
+    parser.add_argument("--user", required=True)
+    parser.add_argument("--password", required=True)
+    parser.add_argument("--pid", type=int, help="the server's PID: CPU and RSS from /proc")
+    parser.add_argument("--allocations", type=int, default=1000)
+    parser.add_argument("--rate", type=float, default=20000.0, help="offered client->peer packets/s")
+    parser.add_argument("--seconds", type=float, default=10.0)
+    parser.add_argument("--size", type=int, default=200)
+    parser.add_argument("--window", type=int, default=64)
+    parser.add_argument("--send", action="store_true", help="Send/Data indications, not channels")
+    parser.add_argument("--one-source", action="store_true", help="every client from 127.0.0.1")
+    args = parser.parse_args(argv)
+    print(json.dumps(WORKLOADS[args.workload](args)), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
