@@ -41,6 +41,15 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+PIN = shutil.which("taskset") is not None and (os.cpu_count() or 1) >= 2
+
+
+def pinned(cmd: list[str], cpus: str) -> list[str]:
+    """On a machine with two CPUs or more, the server runs on CPU 0 and the load generator
+    (with its echo peer) on CPU 1, so neither takes the other's CPU."""
+    return ["taskset", "-c", cpus, *cmd] if PIN else cmd
+
+
 class Server:
     def __init__(self, name: str, workdir: str, workers: int = 1):
         self.name, self.workdir, self.workers = name, workdir, workers
@@ -66,7 +75,10 @@ class Server:
                         "no-stdout-log\nsimple-log\nmin-port=40000\nmax-port=59999\n"
                         "no-multicast-peers\ntotal-quota=0\nuser-quota=0\n")
             cmd = ["turnserver", "-c", path]
-        self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=ROOT)
+        # One CPU for one process; workers get every CPU but the load generator's.
+        cpus = "0" if self.workers == 1 else ",".join(str(i) for i in range(os.cpu_count() or 1))
+        self.proc = subprocess.Popen(pinned(cmd, cpus), stdout=subprocess.DEVNULL,
+                                     stderr=subprocess.DEVNULL, cwd=ROOT)
         self.wait_ready()
 
     def wait_ready(self, timeout: float = 20.0) -> None:
@@ -101,7 +113,7 @@ class Server:
     def bench(self, workload: str, *args: str, timeout: float = 300) -> dict:
         cmd = [sys.executable, TURNBENCH, workload, "--port", str(self.port), "--user", USER,
                "--password", PASSWORD, "--pid", str(self.proc.pid), *args]
-        out = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=ROOT)
+        out = subprocess.run(pinned(cmd, "1"), capture_output=True, text=True, timeout=timeout, cwd=ROOT)
         if out.returncode:
             raise RuntimeError(f"{self.name} {workload}: {out.stderr.strip()[-500:]}")
         return json.loads(out.stdout.strip().splitlines()[-1])
@@ -168,9 +180,11 @@ def machine_line() -> str:
     except OSError:
         pass
     coturn = subprocess.run(["turnserver", "--version"], capture_output=True, text=True).stdout.strip()
+    pin = ("server on CPU 0, load generator and echo peer on CPU 1 (taskset)" if PIN
+           else "server, load generator and echo peer sharing the CPUs")
     return (f"Machine: {os.cpu_count()} CPUs ({cpu}), Python {platform.python_version()}, "
-            f"{platform.system()} {platform.release()}; coturn {coturn}; load generator, echo peer "
-            f"and server on the same machine, loopback only; medians of the runs.")
+            f"{platform.system()} {platform.release()}; coturn {coturn}; {pin}; loopback only; "
+            f"medians of the runs.")
 
 
 def main(argv=None) -> int:

@@ -92,8 +92,8 @@ class SendBatch:
 
     __slots__ = ("fd", "msgs", "iovs", "names", "iovs_mv", "count", "size")
 
-    def __init__(self, sock: socket.socket, size: int):
-        self.fd = sock.fileno()
+    def __init__(self, sock: socket.socket | None, size: int):
+        self.fd = sock.fileno() if sock is not None else -1  # or set before each flush
         self.size = size
         self.msgs = (Mmsghdr * size)()
         self.iovs = (Iovec * size)()
@@ -126,14 +126,14 @@ class RecvBatch:
     of ``stride`` bytes (at ``offset`` into the slot, leaving headroom in front)."""
 
     __slots__ = ("fd", "msgs", "iovs", "lens", "names", "size", "namelen", "views", "starts",
-                 "buffer")
+                 "buffer", "base")
 
     def __init__(self, sock: socket.socket, buffer: bytearray, size: int, stride: int, offset: int,
                  length: int):
         self.fd = sock.fileno()
         self.size = size
         self.buffer = buffer
-        base = address_of(buffer)
+        self.base = base = address_of(buffer)
         self.namelen = SOCKADDR_SIZE[sock.family]
         self.names = bytearray(size * self.namelen)
         names_base = address_of(self.names)
@@ -155,6 +155,14 @@ class RecvBatch:
     def receive(self, limit: int) -> int:
         """Datagrams now in slots 0..n-1 (0: none waiting; -1: an error, e.g. ICMP)."""
         n = _recvmmsg(self.fd, self.msgs, min(limit, self.size), 0, None)
+        if n < 0 and ctypes.get_errno() in (errno.EAGAIN, errno.EWOULDBLOCK):
+            return 0
+        return n
+
+    def receive_at(self, fd: int, first: int, limit: int) -> int:
+        """From socket ``fd``, datagrams into slots first..first+n-1 (as ``receive``)."""
+        n = _recvmmsg(fd, ctypes.byref(self.msgs, first * MMSG_SIZE),
+                      min(limit, self.size - first), 0, None)
         if n < 0 and ctypes.get_errno() in (errno.EAGAIN, errno.EWOULDBLOCK):
             return 0
         return n

@@ -51,6 +51,7 @@ from .stun.attributes import CODECS, encode_value
 BATCH = 64  # datagrams drained from a listen socket per wakeup
 MAX_EVENTS = 256  # ready sockets handled per wakeup before other tasks run
 OUT_SLOTS = 64  # datagrams to UDP clients gathered for one sendmmsg
+HOT_EVENTS = 4  # with this few sockets ready, each relay socket is read with recvmmsg
 LINGER = 0.0003  # under load, seconds to let datagrams gather before the next wakeup
 LINGER_RATE = 4000  # datagrams per second from which turnd lingers ("under load")
 RATE_WINDOW = 0.1  # seconds over which that rate is measured
@@ -62,6 +63,7 @@ _COOKIE_BYTES = c.MAGIC_COOKIE_BYTES
 _DATA_INDICATION = 0x0017
 _TLV = struct.Struct("!HH")
 _DATA_HEADER = struct.Struct("!HHI12s")
+_CHANNEL_HEADER = struct.Struct("!HH")
 _PEER_CACHE_MAX = 1024
 _FAST_ATTRIBUTES = 8  # a Send indication with more goes to the slow path (the codec's cap is >= 16)
 # Comprehension-optional attributes the codec decodes (and may refuse): not skipped here.
@@ -343,7 +345,17 @@ class RelayEngine:
         self.arena_base = ctypes.addressof((ctypes.c_char * len(self.arena)).from_buffer(self.arena))
         self.slot_into = [view[k * _STRIDE + HEADROOM:k * _STRIDE + HEADROOM + BUFFER_SIZE]
                           for k in range(OUT_SLOTS)]
+        # A busy relay socket is read with recvmmsg into consecutive slots of the same arena.
+        self.relay_batches = {
+            family: mmsg.RecvBatch(socket.socket(family, socket.SOCK_DGRAM), self.arena, OUT_SLOTS,
+                                   _STRIDE, HEADROOM, BUFFER_SIZE)
+            for family in (socket.AF_INET, socket.AF_INET6)}
+        self.peer_addrs: dict[bytes, tuple] = {}  # mmsg.key_of(sockaddr) -> (ip, port)
         self.queues: dict[int, mmsg.SendBatch] = {}  # listen socket fd -> its clients' datagrams
+        # Datagrams to peers: a run of them through one relay socket goes in one sendmmsg
+        # (the fd is set per run); peers' sockaddrs are built once.
+        self.peer_run = mmsg.SendBatch(None, BATCH)
+        self.peer_names: dict[tuple, tuple] = {}  # (ip, port) -> (buffer, address, length)
         if not mmsg.AVAILABLE:
             raise RuntimeError("turnd's relay engine needs Linux (epoll, recvmmsg, sendmmsg)")
 
@@ -379,7 +391,7 @@ class RelayEngine:
         sock, alloc = relay.handle, relay.alloc
         fd = sock.fileno()
         self.handlers[fd] = (_RELAY, sock.recvfrom_into, alloc, alloc.permissions,
-                             alloc.peer_channels, sock.family == socket.AF_INET6)
+                             alloc.peer_channels, sock.family == socket.AF_INET6, fd)
         self.ep.register(fd, select.EPOLLIN)
 
     def remove(self, sock: socket.socket) -> None:
@@ -444,12 +456,19 @@ class RelayEngine:
         base = self.arena_base
         slot_into = self.slot_into
         pack_name, pack_iov = mmsg.NAME.pack_into, mmsg.IOV.pack_into
-        mmsg_size, iov_size = mmsg.MMSG_SIZE, mmsg.IOV_SIZE
+        pack_channel = _CHANNEL_HEADER.pack_into
+        unpack_len = mmsg.LEN.unpack_from
+        mmsg_size, iov_size, len_offset = mmsg.MMSG_SIZE, mmsg.IOV_SIZE, mmsg.LEN_OFFSET
+        batch4, batch6 = self.relay_batches[socket.AF_INET], self.relay_batches[socket.AF_INET6]
+        peer_addrs = self.peer_addrs
         slot = 0
         udp_client = UdpClient
         to_client = dropped = send_dropped = recv_errors = too_big = received = 0
         full = len(events) == MAX_EVENTS
-        reads = max(1, BATCH // len(events))
+        # One datagram per relay socket, unless only a few are ready (a hot flow): then
+        # recvmmsg takes what each one holds, up to ``reads``.
+        reads = BATCH // len(events) if len(events) <= HOT_EVENTS else 1
+        single = reads == 1
         try:
             for fd, _ in events:
                 h = handlers.get(fd)
@@ -460,32 +479,49 @@ class RelayEngine:
                     received += got
                     full = full or more
                     continue
-                _, recv_into, alloc, permissions, peer_channels, v6 = h
-                for _ in range(reads):
+                _, recv_into, alloc, permissions, peer_channels, v6, rfd = h
+                if slot + reads > OUT_SLOTS:  # room for all this socket may bring
+                    sent, lost = self._flush()
+                    to_client += sent
+                    send_dropped += lost
+                    slot = 0
+                if single:
                     try:
                         n, addr = recv_into(slot_into[slot])
-                    except BlockingIOError:  # drained (or the fd was reused in this batch)
-                        break
+                    except BlockingIOError:  # nothing there (the fd was reused in this batch)
+                        continue
                     except OSError:  # e.g. ECONNREFUSED from an earlier ICMP error
                         recv_errors += 1
                         continue
+                    got = ((slot, n, addr[:2] if v6 else addr),)
+                else:  # few sockets ready: read each with recvmmsg into consecutive slots
+                    rb = batch6 if v6 else batch4
+                    m = rb.receive_at(rfd, slot, reads)
+                    if m <= 0:
+                        recv_errors += m < 0
+                        continue
+                    full = full or m == reads  # a hot socket may hold more
+                    nl, names, lens = rb.namelen, rb.names, rb.lens
+                    got = []
+                    for cur in range(slot, slot + m):
+                        o = cur * nl
+                        key = bytes(names[o + 2:o + 4]) + bytes(names[o + 8:o + 24]) if v6 \
+                            else bytes(names[o + 2:o + 8])
+                        got.append((cur, unpack_len(lens, cur * mmsg_size + len_offset)[0],
+                                    peer_addrs.get(key) or self._peer_addr(key)))
+                    slot += m  # those slots are taken, whatever becomes of the datagrams
+                for cur, n, addr in got:
                     received += 1
-                    if v6:
-                        addr = addr[:2]
                     ip = addr[0]
                     expiry = permissions.get(ip)
                     if expiry is None or expiry < now or alloc.expires < now or ip in blocked:
                         dropped += 1
                         continue
                     ch = peer_channels.get(addr)
-                    head = slot * _STRIDE + HEADROOM  # where the payload is
+                    head = cur * _STRIDE + HEADROOM  # where the payload is
                     if ch is not None and ch.expires >= now:
                         start = head - 4
-                        number = ch.number
-                        arena[start] = number >> 8
-                        arena[start + 1] = number & 0xFF
-                        arena[start + 2] = n >> 8
-                        arena[start + 3] = n & 0xFF
+                        pack_channel(arena, start, ch.number, n)
                         end = head + n
                     else:
                         header = data_indication_header(alloc, addr, n)
@@ -507,12 +543,8 @@ class RelayEngine:
                             pack_name(q.names, k * mmsg_size, client.name_ptr, client.namelen)
                             pack_iov(q.iovs_mv, k * iov_size, base + start, end - start)
                             q.count = k + 1
-                            slot += 1
-                            if slot == OUT_SLOTS:
-                                sent, lost = self._flush()
-                                to_client += sent
-                                send_dropped += lost
-                                slot = 0
+                            if single:
+                                slot += 1
                             continue
                         try:
                             client.sock.sendto(aview[start:end], client.addr)
@@ -523,8 +555,6 @@ class RelayEngine:
                         to_client += 1
                     else:
                         send_dropped += 1
-                else:
-                    full = full or reads > 1  # a hot socket may hold more
         finally:
             if slot:
                 sent, lost = self._flush()
@@ -537,6 +567,22 @@ class RelayEngine:
             stats.recv_errors += recv_errors
             stats.dropped_too_big += too_big
         return received, full
+
+    def _peer_addr(self, key: bytes) -> tuple:
+        """(ip, port) of a sockaddr key, as recvfrom writes it (the cache is bounded)."""
+        if len(self.peer_addrs) >= 65536:
+            self.peer_addrs.clear()
+        addr = self.peer_addrs[key] = mmsg.address(key)
+        return addr
+
+    def _peer_name(self, peer: tuple) -> tuple:
+        """(buffer, address, length) of a peer's sockaddr, built once (the cache is bounded)."""
+        if len(self.peer_names) >= 65536:
+            self.peer_names.clear()
+        raw = mmsg.sockaddr(peer)
+        buf = ctypes.create_string_buffer(raw, len(raw))
+        name = self.peer_names[peer] = (buf, ctypes.addressof(buf), len(raw))
+        return name
 
     def _flush(self) -> tuple[int, int]:
         sent = dropped = 0
@@ -560,11 +606,15 @@ class RelayEngine:
             return 0, n_got < 0
         arena = batch.buffer
         aview = memoryview(arena)
+        abase = batch.base
         views, starts, names, lens = batch.views, batch.starts, batch.names, batch.lens
         namelen = batch.namelen
         v6 = namelen == 28
         unpack_len = mmsg.LEN.unpack_from
-        mmsg_size, len_offset = mmsg.MMSG_SIZE, mmsg.LEN_OFFSET
+        mmsg_size, len_offset, iov_size = mmsg.MMSG_SIZE, mmsg.LEN_OFFSET, mmsg.IOV_SIZE
+        pack_name, pack_iov = mmsg.NAME.pack_into, mmsg.IOV.pack_into
+        run, run_fd, peer_names = self.peer_run, -1, self.peer_names
+        run_names, run_iovs = run.names, run.iovs_mv
         to_peer = no_alloc = malformed = no_channel = no_perm = send_dropped = slow = 0
         try:
             for j in range(n_got):
@@ -596,13 +646,27 @@ class RelayEngine:
                             no_perm += 1
                             continue
                         if ch.own:
+                            if run.count:  # what came before goes first
+                                run.fd = run_fd
+                                sent, lost = run.flush()
+                                to_peer += sent
+                                send_dropped += lost
                             forwarder.to_peer(ch.relay, peer, aview[start + 4:start + 4 + length], now)
                             continue
-                        try:
-                            ch.relay.handle.sendto(aview[start + 4:start + 4 + length], peer)
-                            to_peer += 1
-                        except OSError:
-                            send_dropped += 1
+                        # Into the run of datagrams through one relay socket (one sendmmsg).
+                        fd = ch.relay.handle.fileno()
+                        if fd != run_fd:
+                            if run.count:
+                                run.fd = run_fd
+                                sent, lost = run.flush()
+                                to_peer += sent
+                                send_dropped += lost
+                            run_fd = fd
+                        name = peer_names.get(peer) or self._peer_name(peer)
+                        k = run.count
+                        pack_name(run_names, k * mmsg_size, name[1], name[2])
+                        pack_iov(run_iovs, k * iov_size, abase + start + 4, length)
+                        run.count = k + 1
                         continue
                     if first == 0:  # a Send indication? (the parser checks the type)
                         alloc = clients.get(key)
@@ -615,20 +679,43 @@ class RelayEngine:
                                 no_perm += 1
                                 continue
                             if peer[0] in own_ips:
+                                if run.count:  # what came before goes first
+                                    run.fd = run_fd
+                                    sent, lost = run.flush()
+                                    to_peer += sent
+                                    send_dropped += lost
                                 forwarder.to_peer(relay, peer, aview[start + begin:start + end], now)
                                 continue
-                            try:
-                                relay.handle.sendto(aview[start + begin:start + end], peer)
-                                to_peer += 1
-                            except OSError:
-                                send_dropped += 1
+                            fd = relay.handle.fileno()
+                            if fd != run_fd:
+                                if run.count:
+                                    run.fd = run_fd
+                                    sent, lost = run.flush()
+                                    to_peer += sent
+                                    send_dropped += lost
+                                run_fd = fd
+                            name = peer_names.get(peer) or self._peer_name(peer)
+                            k = run.count
+                            pack_name(run_names, k * mmsg_size, name[1], name[2])
+                            pack_iov(run_iovs, k * iov_size, abase + start + begin, end - begin)
+                            run.count = k + 1
                             continue
+                    if run.count:  # what came before goes first
+                        run.fd = run_fd
+                        sent, lost = run.flush()
+                        to_peer += sent
+                        send_dropped += lost
                     slow += 1
                     slow_path(bytes(aview[start:start + n]), mmsg.address(key), sock)
                 except Exception:  # a bug: this datagram is dropped, not the batch
                     self.stats.internal_errors += 1
                     self.on_error()
         finally:
+            if run.count:
+                run.fd = run_fd
+                sent, lost = run.flush()
+                to_peer += sent
+                send_dropped += lost
             stats = self.stats
             stats.packets_in += n_got
             stats.to_peer += to_peer
