@@ -178,6 +178,7 @@ def echo_forever(sock: socket.socket, size: int = 64) -> None:
     """Send every datagram back to where it came from: recvmmsg, then sendmmsg from the
     same slots to the same addresses (the names the kernel wrote are reused as is)."""
     stride = 2048
+    sock.setblocking(False)  # recvmmsg on a blocking socket would wait for all `size`
     arena = bytearray(size * stride)
     rx = mmsg.RecvBatch(sock, arena, size, stride, 0, stride)
     tx = mmsg.SendBatch(sock, size)

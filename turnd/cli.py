@@ -35,15 +35,23 @@ def main() -> None:
               type=click.Path(dir_okay=False), help="The TOML configuration file.")
 @click.option("--log-level", default="info", show_default=True,
               type=click.Choice(["debug", "info", "warning", "error"]))
-def serve(config_path: str, log_level: str) -> None:
+@click.option("--worker", "worker_spec", default=None, hidden=True,
+              help="(internal) serve as a worker of a master process")
+def serve(config_path: str, log_level: str, worker_spec: str | None) -> None:
     """Serve STUN and TURN until SIGINT or SIGTERM."""
     config = _load_or_exit(config_path)
+    from .server import WorkerSpec, run
+    worker = WorkerSpec.from_json(worker_spec) if worker_spec else None
+    who = f"turnd[{worker.index}]" if worker else "turnd"
     logging.basicConfig(level=log_level.upper(), stream=sys.stderr,
-                        format="%(asctime)s turnd %(levelname)s %(message)s")
-    from .server import run
+                        format=f"%(asctime)s {who} %(levelname)s %(message)s")
     failed = None
     try:
-        trio.run(run, config)
+        if worker is None and config.server.workers > 1:
+            from .workers import run_master
+            trio.run(run_master, config, config_path, log_level)
+        else:
+            trio.run(run, config, worker)
     except* StartupError as group:
         failed = group.exceptions[0]
     if failed is not None:

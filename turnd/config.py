@@ -7,6 +7,7 @@ Every problem is a ``ConfigError`` whose message names the dotted key, e.g.
 from __future__ import annotations
 
 import ipaddress
+import os
 import tomllib
 from typing import Any
 
@@ -40,6 +41,7 @@ class ServerConfig:
     listen: tuple[Endpoint, ...] = (Endpoint("127.0.0.1", 3478), Endpoint("::1", 3478))
     realm: str = "turnd"
     software: str = ""
+    workers: int = 1  # processes sharing the listen ports ("auto": one per CPU)
 
 
 @attrs.frozen
@@ -182,7 +184,7 @@ def _text(section: _Section, k: str, default: str, *, max_chars: int = 127) -> s
 
 def _parse_server(raw: Any) -> ServerConfig:
     s = _Section(raw, "server")
-    s.check_unknown({"listen", "realm", "software"})
+    s.check_unknown({"listen", "realm", "software", "workers"})
     listen = ServerConfig().listen
     if "listen" in s.data:
         items = s.get("listen", list, [])
@@ -197,7 +199,13 @@ def _parse_server(raw: Any) -> ServerConfig:
     realm = _text(s, "realm", ServerConfig().realm)
     if not realm:
         raise ConfigError("server.realm", "must not be empty")
-    return ServerConfig(listen=listen, realm=realm, software=_text(s, "software", ""))
+    workers = s.data.get("workers", 1)
+    if workers == "auto":
+        workers = os.cpu_count() or 1
+    elif not isinstance(workers, int) or isinstance(workers, bool) or not 1 <= workers <= 256:
+        raise ConfigError("server.workers", f'{workers!r}: must be 1-256 or "auto"')
+    return ServerConfig(listen=listen, realm=realm, software=_text(s, "software", ""),
+                        workers=workers)
 
 
 def _int(section: _Section, k: str, default: int, low: int, high: int) -> int:

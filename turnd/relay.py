@@ -169,6 +169,9 @@ class Forwarder:
 
     def __init__(self, core, stats: RelayStats):
         self.relays_by_addr = core.relays_by_addr  # the core's live dict
+        self.live = core.live.live  # any live relay of this turnd, this worker's or another's
+        self.to_internal = core.live.internal
+        self.to_public = core.live.public
         self.own_ips = core.own_ips
         self.is_listen_endpoint = core.is_listen_endpoint
         # Sources on turnd's own addresses are never peers unless explicitly allowed:
@@ -186,7 +189,9 @@ class Forwarder:
                 self.stats.internal += 1
                 self.to_client(target, src, bytes(data), now)
                 return
-            if self.is_listen_endpoint(*peer) or peer[0] in self.blocked_sources:
+            if self.live(peer):  # another worker's relay: through the kernel, to its socket
+                peer = self.to_internal(peer)
+            elif self.is_listen_endpoint(*peer) or peer[0] in self.blocked_sources:
                 self.stats.dropped_own_address += 1
                 return
         try:
@@ -451,6 +456,7 @@ class RelayEngine:
         each is drained up to ``reads`` datagrams (one hot flow is not held back)."""
         handlers = self.handlers
         blocked = self.forwarder.blocked_sources
+        live, public = self.forwarder.live, self.forwarder.to_public
         arena = self.arena
         aview = memoryview(arena)
         base = self.arena_base
@@ -513,8 +519,14 @@ class RelayEngine:
                 for cur, n, addr in got:
                     received += 1
                     ip = addr[0]
+                    if ip in blocked:  # from turnd's own address: only another worker's relay,
+                        if not live(addr):  # known to the client by its public address
+                            dropped += 1
+                            continue
+                        addr = public(addr)
+                        ip = addr[0]
                     expiry = permissions.get(ip)
-                    if expiry is None or expiry < now or alloc.expires < now or ip in blocked:
+                    if expiry is None or expiry < now or alloc.expires < now:
                         dropped += 1
                         continue
                     ch = peer_channels.get(addr)

@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import errno
 import functools
+import json
 import logging
+import mmap
 import resource
 import secrets
 import signal
@@ -30,6 +32,7 @@ from .sockets import (StartupError, host_addresses, local_address, open_relay_so
 from .stun.errors import StunDecodeError
 from .stun.framing import StreamFramer
 from .turn.policy import PeerPolicy
+from .turn.registry import LiveRelays
 from .turn.protocol import (AllocationCreated, AllocationDeleted, BindFailed, FiveTuple,
                             PortBusy, ProtocolConfig, Refused, Reply, SendToPeer, TurnServer,
                             client_key)
@@ -100,8 +103,43 @@ class SocketBinder:
         sock.close()
 
 
-def make_core(config: Config, listen: tuple = (), binder=None) -> TurnServer:
-    """The sans-I/O core for ``config``; ``listen``: the bound (ip, port) endpoints."""
+@attrs.frozen
+class WorkerSpec:
+    """What a worker process is handed by its master (``turnd serve --worker JSON``)."""
+    index: int
+    count: int
+    udp: tuple[int, ...]   # file descriptors of its listen sockets (SO_REUSEPORT)
+    tcp: tuple[int, ...]
+    shared: int            # a memfd: the nonce secret, then the live-relay bitmap
+
+    def to_json(self) -> str:
+        return json.dumps(attrs.asdict(self))
+
+    @classmethod
+    def from_json(cls, text: str) -> "WorkerSpec":
+        d = json.loads(text)
+        return cls(d["index"], d["count"], tuple(d["udp"]), tuple(d["tcp"]), d["shared"])
+
+
+SECRET_SIZE = 32
+
+
+def shared_size(config: Config) -> int:
+    return SECRET_SIZE + LiveRelays.size(len(config.relay_addresses()))
+
+
+def worker_ports(ports: tuple[int, int], index: int, count: int) -> tuple[int, int]:
+    """Worker ``index`` of ``count`` relays on its own slice of the relay port range."""
+    low, high = ports
+    per = (high - low + 1) // count
+    first = low + index * per
+    return first, high if index == count - 1 else first + per - 1
+
+
+def make_core(config: Config, listen: tuple = (), binder=None, *, port_range=None,
+              nonce_secret: bytes | None = None, live_buffer=None) -> TurnServer:
+    """The sans-I/O core for ``config``; ``listen``: the bound (ip, port) endpoints; a
+    worker passes its slice of the port range, the shared secret and the shared bitmap."""
     backends = []
     if config.auth.users:
         backends.append(StaticUsers(dict(config.auth.users), config.server.realm))
@@ -113,7 +151,7 @@ def make_core(config: Config, listen: tuple = (), binder=None) -> TurnServer:
         realm=config.server.realm, software=config.server.software,
         listen=listen or tuple((ep.host, ep.port) for ep in config.server.listen),
         relay_addresses=config.relay_addresses(), external=config.relay.external,
-        port_range=config.relay.ports, default_family=config.relay.default_family,
+        port_range=port_range or config.relay.ports, default_family=config.relay.default_family,
         max_lifetime=limits.max_lifetime, nonce_lifetime=config.auth.nonce_lifetime,
         user_quota=limits.user_quota, total_quota=limits.total_quota,
         channel_max=0x7FFF if config.relay.legacy_channel_numbers else 0x4FFF,
@@ -121,17 +159,18 @@ def make_core(config: Config, listen: tuple = (), binder=None) -> TurnServer:
         permissions_per_allocation=limits.permissions_per_allocation,
         channels_per_allocation=limits.channels_per_allocation,
         unauth_rate=limits.unauthenticated_rate, host_addresses=host_addresses())
+    live = LiveRelays(pconfig.relay_addresses, dict(pconfig.external), live_buffer)
     return TurnServer(pconfig, credentials=credentials,
-                      policy=PeerPolicy(config.peers.allow, config.peers.deny),
-                      binder=binder, nonce_secret=secrets.token_bytes(32))
+                      policy=PeerPolicy(config.peers.allow, config.peers.deny), binder=binder,
+                      nonce_secret=nonce_secret or secrets.token_bytes(SECRET_SIZE), live=live)
 
 
 class Shell:
-    def __init__(self, config: Config, listen: tuple):
+    def __init__(self, config: Config, listen: tuple, **core_args):
         self.config = config
         self.log_limited = RateLimitedLog()
         binder = SocketBinder(self.log_limited)
-        self.core = make_core(config, listen, binder)
+        self.core = make_core(config, listen, binder, **core_args)
         self.stats = relay.RelayStats()
         self.forwarder = relay.Forwarder(self.core, self.stats)
         self.engine = binder.engine = relay.RelayEngine(self.forwarder, self.now,
@@ -327,36 +366,55 @@ def raise_file_limit() -> int:
     return soft
 
 
-def open_pair(host: str, port: int) -> tuple[socket.socket, socket.socket]:
-    """The UDP and TCP listen sockets of one endpoint.  Port 0 (tests): the TCP socket takes
-    the port the UDP socket got; if that TCP port is taken, try another."""
+def open_group(host: str, port: int, count: int = 1) -> tuple[list, list]:
+    """``count`` UDP and ``count`` TCP listen sockets of one endpoint (SO_REUSEPORT when
+    more than one: one of each per worker).  Port 0 (tests): the first UDP socket picks the
+    port and the others take it; if that TCP port is taken, try another."""
+    reuse = count > 1
     for attempt in range(20):
-        udp = open_socket("udp", host, port)
+        udps, tcps = [open_socket("udp", host, port, reuse)], []
+        chosen = port or local_address(udps[0])[1]
         try:
-            return udp, open_socket("tcp", host, port or local_address(udp)[1])
+            udps += [open_socket("udp", host, chosen, reuse) for _ in range(count - 1)]
+            tcps += [open_socket("tcp", host, chosen, reuse) for _ in range(count)]
+            return udps, tcps
         except StartupError:
-            udp.close()
+            for s in udps + tcps:
+                s.close()
             if port or attempt == 19:
                 raise
     raise AssertionError("unreachable")
 
 
-async def serve(config: Config, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
-    """Serve until cancelled.  Started with ``nursery.start``, it returns a ``Running``."""
+async def serve(config: Config, *, worker: WorkerSpec | None = None,
+                task_status=trio.TASK_STATUS_IGNORED) -> None:
+    """Serve until cancelled.  Started with ``nursery.start``, it returns a ``Running``.
+    A worker serves the sockets its master opened, on its slice of the relay ports."""
     udp_socks: list[socket.socket] = []
     tcp_socks: list[socket.socket] = []
-    try:
-        for ep in config.server.listen:
-            udp, tcp = open_pair(ep.host, ep.port)
-            udp_socks.append(udp)
-            tcp_socks.append(tcp)
-    except BaseException:
-        for s in udp_socks + tcp_socks:
-            s.close()
-        raise
+    core_args: dict = {}
+    if worker is None:
+        try:
+            for ep in config.server.listen:
+                udps, tcps = open_group(ep.host, ep.port)
+                udp_socks += udps
+                tcp_socks += tcps
+        except BaseException:
+            for s in udp_socks + tcp_socks:
+                s.close()
+            raise
+    else:
+        for fd in worker.udp + worker.tcp:
+            sock = socket.socket(fileno=fd)
+            sock.setblocking(False)
+            (udp_socks if sock.type == socket.SOCK_DGRAM else tcp_socks).append(sock)
+        shared = mmap.mmap(worker.shared, shared_size(config))
+        core_args = dict(port_range=worker_ports(config.relay.ports, worker.index, worker.count),
+                         nonce_secret=bytes(shared[:SECRET_SIZE]),
+                         live_buffer=memoryview(shared)[SECRET_SIZE:])
     udp_addrs = [local_address(s) for s in udp_socks]
     tcp_addrs = [local_address(s) for s in tcp_socks]
-    shell = Shell(config, tuple(udp_addrs + tcp_addrs))
+    shell = Shell(config, tuple(udp_addrs + tcp_addrs), **core_args)
     try:
         async with trio.open_nursery() as nursery:
             for sock, server in zip(udp_socks, udp_addrs):
@@ -378,6 +436,15 @@ async def serve(config: Config, *, task_status=trio.TASK_STATUS_IGNORED) -> None
                 r.handle.close()
 
 
+def log_listening(config: Config, udp: list, tcp: list) -> None:
+    for transport, addrs in (("udp", udp), ("tcp", tcp)):
+        for host, port in addrs:
+            log.info("listening on %s %s", transport,
+                     f"[{host}]:{port}" if ":" in host else f"{host}:{port}")
+    if not config.auth.users and not config.auth.secrets:
+        log.info("no [auth] users or secrets: serving STUN only, TURN requests get 401")
+
+
 def counters_line(running: Running) -> str:
     """Every non-zero counter, one line (what was relayed, refused, dropped)."""
     parts = {**running.stats.as_dict(), **running.core.stats,
@@ -385,12 +452,12 @@ def counters_line(running: Running) -> str:
     return " ".join(f"{k}={v}" for k, v in sorted(parts.items()) if v) or "none"
 
 
-async def run(config: Config) -> None:
+async def run(config: Config, worker: WorkerSpec | None = None) -> None:
     """Serve until SIGINT or SIGTERM, then stop cleanly."""
     files = raise_file_limit()
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
         async with trio.open_nursery() as nursery:
-            running = await nursery.start(serve, config)
+            running = await nursery.start(functools.partial(serve, config, worker=worker))
             relays = relay_sockets_needed(config)
             if files < relays + FILES_RESERVED:
                 log.warning("only %d open files allowed (RLIMIT_NOFILE): fewer than the %d relay "
@@ -400,12 +467,8 @@ async def run(config: Config) -> None:
                 log.info("TCP connections capped at %d, below limits.tcp_connections (%d): "
                             "of the %d open files allowed, %d are kept for relay sockets",
                             running.shell.tcp_cap, config.limits.tcp_connections, files, relays)
-            for transport, addrs in (("udp", running.udp), ("tcp", running.tcp)):
-                for host, port in addrs:
-                    log.info("listening on %s %s", transport,
-                             f"[{host}]:{port}" if ":" in host else f"{host}:{port}")
-            if not config.auth.users and not config.auth.secrets:
-                log.info("no [auth] users or secrets: serving STUN only, TURN requests get 401")
+            if worker is None:  # (a master says it for its workers)
+                log_listening(config, running.udp, running.tcp)
             async for signum in signals:
                 log.info("received %s, stopping", signal.Signals(signum).name)
                 break

@@ -43,12 +43,16 @@ def _set_buffers(sock: socket.socket, size: int) -> None:
             pass
 
 
-def _bound(kind: str, host: str, port: int, *, dont_fragment: bool = False) -> socket.socket:
+def _bound(kind: str, host: str, port: int, *, dont_fragment: bool = False,
+           reuseport: bool = False) -> socket.socket:
     """A bound, non-blocking socket; kind is "udp", "relay" (UDP) or "tcp" (listening).
+    ``reuseport``: SO_REUSEPORT, so that worker processes each have a socket on the port.
     Raises OSError."""
     fam = _family(host)
     sock = socket.socket(fam, socket.SOCK_STREAM if kind == "tcp" else socket.SOCK_DGRAM)
     try:
+        if reuseport:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         if fam == socket.AF_INET6:
             sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
         if kind == "tcp":
@@ -70,10 +74,10 @@ def _bound(kind: str, host: str, port: int, *, dont_fragment: bool = False) -> s
     return sock
 
 
-def open_socket(kind: str, host: str, port: int) -> socket.socket:
+def open_socket(kind: str, host: str, port: int, reuseport: bool = False) -> socket.socket:
     """A bound, non-blocking listen socket; kind is "udp" or "tcp"."""
     try:
-        return _bound(kind, host, port)
+        return _bound(kind, host, port, reuseport=reuseport)
     except OSError as exc:
         raise StartupError(f"cannot listen on {kind} {Endpoint(host, port)}: {_describe(exc)}") from None
 

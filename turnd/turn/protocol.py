@@ -28,6 +28,7 @@ from .allocation import Allocation, Channel, Relay
 from .nonce import FEATURE_PASSWORD_ALGORITHMS, FEATURE_USERNAME_ANONYMITY, NonceMaker
 from .policy import PeerPolicy, embedded_ipv4_ints, parse_ip
 from .ports import PortPool
+from .registry import LiveRelays
 from .wheel import ExpiryWheel
 
 Address = tuple  # (ip: str, port: int)
@@ -160,7 +161,7 @@ def _family(ip: str) -> int:
 class TurnServer:
     def __init__(self, config: ProtocolConfig, *, credentials=None, policy: PeerPolicy | None = None,
                  binder: RelayBinder | None = None, rng: random.Random | None = None,
-                 nonce_secret: bytes | None = None):
+                 nonce_secret: bytes | None = None, live: LiveRelays | None = None):
         self.config = config
         self.credentials = credentials
         self.policy = policy or PeerPolicy()
@@ -189,6 +190,8 @@ class TurnServer:
         self.sweep_pending = False  # the last expire() hit its budget: call again soon
         self.relay_ips = {_family(ip): ip for ip in config.relay_addresses}
         self.external = dict(config.external)
+        # Every live relay port of this turnd (with workers, of all of them: shared memory).
+        self.live = live or LiveRelays(config.relay_addresses, self.external)
         self.pools = {ip: PortPool(*config.port_range) for ip in config.relay_addresses}
         self.listen_set = {tuple(ep) for ep in config.listen}
         # Ports listened on at a wildcard address: on any of turnd's own IPs they are it.
@@ -211,7 +214,7 @@ class TurnServer:
     # --- entry points ------------------------------------------------------------
 
     def handle_untrusted(self, data: bytes, ft: FiveTuple, now: float) -> list:
-        if ft.client in self.relays_by_addr:
+        if self.live.live(ft.client):
             # One of turnd's own relays (turnd reached itself, e.g. through another of the
             # host's addresses): never answered, so no loop and no way in.
             self.count("dropped_own_relay")
@@ -589,6 +592,7 @@ class TurnServer:
         return [AllocationCreated(alloc), Reply(alloc.allocate_response)]
 
     def _add_relay(self, alloc: Allocation, ip: str, port: int, handle) -> Relay:
+        self.live.add(ip, port)
         address = (ip, port)
         advertised = (self.external.get(ip, ip), port)
         relay = Relay(alloc, _family(ip), address, advertised, handle)
@@ -638,6 +642,7 @@ class TurnServer:
 
     def _release(self, relay: Relay) -> None:
         """Close a relay's socket, then return its port: never the other way round."""
+        self.live.remove(*relay.address)
         if self.binder is not None:
             self.binder.unbind(relay.handle)
         self.pools[relay.address[0]].give(relay.address[1])
@@ -671,7 +676,7 @@ class TurnServer:
         if ip in self.own_ips:
             if port is not None and self.is_listen_endpoint(ip, port):
                 return False
-            if ip in self.own_relay_ips and (port is None or (ip, port) in self.relays_by_addr):
+            if ip in self.own_relay_ips and (port is None or self.live.live((ip, port))):
                 return True
             return self.policy.explicitly_allowed(ip)
         if _family(ip) == 6:

@@ -1,0 +1,104 @@
+"""``[server] workers`` > 1: a master process and its workers.
+
+The master binds, for every listen endpoint, one UDP and one TCP socket per worker with
+SO_REUSEPORT (the kernel spreads clients over them by their address, so a client's packets
+always reach the same worker, the one holding its allocation), writes a fresh nonce secret
+into a shared memory file (so a nonce from one worker is good in every other), and starts
+the workers: each is ``turnd serve --worker SPEC`` with its own sockets, its own slice of
+the relay port range, and the shared memory, whose bitmap says which relay ports are live
+in any worker (relay-to-relay calls between workers go through the kernel, and nothing on
+turnd's own addresses but a live relay port is ever reached).
+
+The master keeps its copy of every socket: a worker that dies is restarted on the same
+sockets (datagrams wait in the kernel meanwhile; its allocations are gone, and their
+clients allocate again).  SIGINT and SIGTERM stop every worker, within STOP_TIMEOUT.
+"""
+
+from __future__ import annotations
+
+import logging
+import mmap
+import os
+import secrets
+import signal
+import sys
+
+import trio
+
+from .config import Config
+from .server import (SECRET_SIZE, WorkerSpec, log_listening, open_group, raise_file_limit,
+                     shared_size, worker_ports)
+from .sockets import StartupError, local_address
+
+log = logging.getLogger("turnd")
+
+STOP_TIMEOUT = 10.0
+RESTART_DELAY = (1.0, 30.0)  # after a crash; doubled while a worker keeps crashing
+
+
+async def run_master(config: Config, config_path: str, log_level: str) -> None:
+    count = config.server.workers
+    low, high = config.relay.ports
+    if high - low + 1 < count:
+        raise StartupError(f"relay.ports has {high - low + 1} ports: too few for {count} workers")
+    raise_file_limit()  # the workers inherit it
+    groups = [open_group(ep.host, ep.port, count) for ep in config.server.listen]
+    shared_fd = os.memfd_create("turnd-shared", 0)
+    os.ftruncate(shared_fd, shared_size(config))
+    with mmap.mmap(shared_fd, shared_size(config)) as shared:
+        shared[:SECRET_SIZE] = secrets.token_bytes(SECRET_SIZE)
+    specs = [WorkerSpec(i, count, tuple(g[0][i].fileno() for g in groups),
+                        tuple(g[1][i].fileno() for g in groups), shared_fd) for i in range(count)]
+    log_listening(config, [local_address(g[0][0]) for g in groups],
+                  [local_address(g[1][0]) for g in groups])
+    stopping = trio.Event()
+    procs: dict[int, trio.Process] = {}
+
+    async def supervise(spec: WorkerSpec) -> None:
+        delay = RESTART_DELAY[0]
+        while not stopping.is_set():
+            cmd = [sys.executable, "-m", "turnd", "serve", "--config", config_path,
+                   "--log-level", log_level, "--worker", spec.to_json()]
+            started = trio.current_time()
+            proc = await trio.lowlevel.open_process(
+                cmd, pass_fds=(*spec.udp, *spec.tcp, spec.shared))
+            procs[spec.index] = proc
+            log.info("worker %d started (pid %d), relay ports %d-%d", spec.index, proc.pid,
+                     *worker_ports(config.relay.ports, spec.index, count))
+            code = await proc.wait()
+            if stopping.is_set():
+                return
+            log.warning("worker %d (pid %d) exited with %s; restarting it in %.0f s", spec.index,
+                        proc.pid, code, delay)
+            await trio.sleep(delay)
+            # a worker that ran a while starts again at once next time; one that keeps
+            # crashing waits longer each time
+            delay = RESTART_DELAY[0] if trio.current_time() - started > 60 else min(
+                2 * delay, RESTART_DELAY[1])
+
+    try:
+        with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+            async with trio.open_nursery() as nursery:
+                for spec in specs:
+                    nursery.start_soon(supervise, spec)
+                async for signum in signals:
+                    log.info("received %s, stopping %d workers", signal.Signals(signum).name, count)
+                    break
+                stopping.set()
+                for proc in procs.values():
+                    if proc.returncode is None:
+                        proc.send_signal(signal.SIGTERM)
+                with trio.move_on_after(STOP_TIMEOUT):
+                    for proc in procs.values():
+                        await proc.wait()
+                for proc in procs.values():
+                    if proc.returncode is None:
+                        log.warning("worker pid %d did not stop in %.0f s: killed", proc.pid, STOP_TIMEOUT)
+                        proc.kill()
+                nursery.cancel_scope.cancel()
+    finally:
+        for udps, tcps in groups:
+            for s in udps + tcps:
+                s.close()
+        os.close(shared_fd)
+    log.info("stopped")
