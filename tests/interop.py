@@ -1,4 +1,5 @@
-"""Finding the real peers (coturn's tools, Chromium); tests skip with a reason when missing."""
+"""Finding the real peers (coturn's tools, Chromium, Firefox ESR); tests skip with a reason when
+missing (and fail under CI, which must install them)."""
 
 import os
 import shutil
@@ -11,5 +12,5 @@ def need(tool: str):
     if path is None:
         if os.environ.get("CI"):
             pytest.fail(f"{tool} is missing in CI: .ci/run must install it")
-        pytest.skip(f"{tool} not installed (apt-get install coturn / chromium)")
+        pytest.skip(f"{tool} not installed (apt-get install coturn chromium firefox-esr)")
     return path

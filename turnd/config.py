@@ -190,7 +190,9 @@ def _parse_server(raw: Any) -> ServerConfig:
         items = s.get("listen", list, [])
         if not items:
             raise ConfigError("server.listen", "must list at least one \"host:port\"")
-        listen = tuple(parse_endpoint(item, f"server.listen[{i}]") for i, item in enumerate(items))
+        # Port 0 takes any free port (the same for UDP and TCP; tests use it).
+        listen = tuple(parse_endpoint(item, f"server.listen[{i}]", allow_port_zero=True)
+                       for i, item in enumerate(items))
         seen = set()
         for i, ep in enumerate(listen):
             if ep in seen:

@@ -32,10 +32,8 @@ import logging
 import os
 import re
 import shutil
-import signal
 import socket
 import struct
-import subprocess
 import sys
 import tempfile
 import time
@@ -51,40 +49,10 @@ from turnd.config import (AuthConfig, Config, Endpoint, PeersConfig,  # noqa: E4
                           RelayConfig, ServerConfig)
 from turnd.server import serve  # noqa: E402
 from tests.webpage import serve_page  # noqa: E402
+from tests.browsers import Child, chromium_command, firefox_command  # noqa: E402
 
 PAGE = os.path.join(ROOT, "tests", "webrtc_page.html")
 USER, PASSWORD, SECRET = "alice", "secret", "rest-api-secret"
-# The flags of tests/test_interop_chromium.py, plus no crash reporter.
-CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                  "--disable-background-networking", "--disable-component-update", "--disable-sync",
-                  "--disable-features=WebRtcHideLocalIpsWithMdns", "--disable-breakpad"]
-FIREFOX_PREFS = {
-    # WebRTC on loopback (see /work/shared/reference/real-peers.md)
-    "media.peerconnection.ice.loopback": True,
-    "media.peerconnection.ice.obfuscate_host_addresses": False,
-    "media.peerconnection.ice.default_address_only": False,
-    "media.navigator.permission.disabled": True,
-    # never reach for the network
-    "app.update.enabled": False, "app.update.auto": False, "app.update.disabledForTesting": True,
-    "app.normandy.enabled": False, "app.shield.optoutstudies.enabled": False,
-    "toolkit.telemetry.enabled": False, "toolkit.telemetry.unified": False,
-    "toolkit.telemetry.archive.enabled": False,
-    "datareporting.healthreport.uploadEnabled": False,
-    "datareporting.policy.dataSubmissionEnabled": False,
-    "browser.safebrowsing.malware.enabled": False, "browser.safebrowsing.phishing.enabled": False,
-    "browser.safebrowsing.downloads.enabled": False, "browser.safebrowsing.blockedURIs.enabled": False,
-    "browser.safebrowsing.update.enabled": False,
-    "browser.shell.checkDefaultBrowser": False, "browser.startup.page": 0,
-    "browser.startup.homepage_override.mstone": "ignore", "browser.aboutwelcome.enabled": False,
-    "browser.newtabpage.enabled": False, "browser.region.update.enabled": False,
-    "browser.region.network.url": "", "browser.topsites.contile.enabled": False,
-    "browser.sessionstore.resume_from_crash": False,
-    "network.captive-portal-service.enabled": False, "network.connectivity-service.enabled": False,
-    "network.dns.disablePrefetch": True, "network.prefetch-next": False,
-    "extensions.update.enabled": False, "extensions.getAddons.cache.enabled": False,
-    "extensions.systemAddon.update.enabled": False, "media.gmp-manager.updateEnabled": False,
-    "services.settings.server": "http://127.0.0.1:9/", "toolkit.startup.max_resumed_crashes": -1,
-}
 # turnutils_uclient modes: (name, extra arguments).  "-t" fails at Allocate (TURN over TCP
 # is not served yet); its first messages are what we want.
 UCLIENT_MODES = [
@@ -376,69 +344,6 @@ class Proxy:
 
 # --------------------------------------------------------------------------- processes
 
-def group_members(pgid: int) -> list[int]:
-    """Live processes in process group ``pgid`` (zombies excluded)."""
-    out = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat") as f:
-                fields = f.read().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        if int(fields[2]) == pgid and fields[0] != "Z":
-            out.append(int(entry))
-    return out
-
-
-class Child:
-    """A process in its own process group; ``stop()`` ends that group and only it."""
-
-    def __init__(self, name: str, cmd: list[str], env=None):
-        self.name, self.cmd, self.env = name, cmd, env
-        self.output = tempfile.TemporaryFile()
-
-    async def start(self) -> "Child":
-        self.proc = await trio.lowlevel.open_process(
-            self.cmd, stdin=subprocess.DEVNULL, stdout=self.output, stderr=subprocess.STDOUT,
-            env=self.env, start_new_session=True)
-        return self
-
-    def text(self) -> str:
-        self.output.seek(0)
-        return self.output.read().decode(errors="replace")
-
-    async def wait(self, timeout: float) -> int | None:
-        """Wait for the leader to exit by itself; None on timeout (it is then stopped)."""
-        with trio.move_on_after(timeout):
-            await self.proc.wait()
-        if self.proc.returncode is None:
-            await self.stop()
-            return None
-        await self.stop()  # a leftover child of its group, if any
-        return self.proc.returncode
-
-    async def stop(self) -> None:
-        """SIGTERM, then SIGKILL, to the group.  The leader is reaped only at the end, and a
-        pid is never reused while its process group has members: ``pgid`` stays ours."""
-        pgid = self.proc.pid
-        for sig in (signal.SIGTERM, signal.SIGKILL):
-            if self.proc.returncode is not None and not group_members(pgid):
-                break
-            try:
-                os.killpg(pgid, sig)
-            except ProcessLookupError:
-                break
-            with trio.move_on_after(3):
-                while group_members(pgid):
-                    await trio.sleep(0.1)
-            if not group_members(pgid):
-                break
-        with trio.move_on_after(5):
-            await self.proc.wait()
-
-
 # --------------------------------------------------------------------------- browsers
 
 # Put in front of the page's script: remember the peer connections and data channels; once
@@ -499,8 +404,8 @@ class Pages:
         await serve_page(self.page, on_request, task_status=task_status)
 
 
-async def browser_call(name: str, cmd: list[str], pages: Pages, expect_call: bool,
-                       call_timeout: float, env=None) -> str:
+async def browser_call(name: str, cmd: list[str], env: dict, pages: Pages, expect_call: bool,
+                       call_timeout: float) -> str:
     """Run one browser on the page; returns a status line."""
     events = pages.expect()
     child = await Child(name, cmd, env).start()
@@ -530,40 +435,27 @@ async def browser_call(name: str, cmd: list[str], pages: Pages, expect_call: boo
 
 
 async def run_chromium(nursery, running, capture, pages, http_port, transport, tmp) -> str:
-    browser = shutil.which("chromium") or shutil.which("chromium-browser")
-    if not browser:
-        return "skipped: chromium not installed"
     async with Proxy(nursery, running, capture, "chromium") as port:
         query = urllib.parse.urlencode({"turn": f"turn:127.0.0.1:{port}?transport={transport}",
                                         "user": USER, "pass": PASSWORD})
-        profile = tempfile.mkdtemp(prefix="chromium-", dir=tmp)
-        cmd = [browser, *CHROMIUM_FLAGS, f"--user-data-dir={profile}",
-               f"http://127.0.0.1:{http_port}/?{query}"]
-        # TMPDIR: Chromium's singleton socket directory goes with the profile
-        env = dict(os.environ, TMPDIR=profile)
-        return await browser_call("chromium", cmd, pages, transport == "udp",
-                                  45 if transport == "udp" else 12, env=env)
+        found = chromium_command(f"http://127.0.0.1:{http_port}/?{query}",
+                                 tempfile.mkdtemp(prefix="chromium-", dir=tmp))
+        if found is None:
+            return "skipped: chromium not installed"
+        return await browser_call("chromium", *found, pages, transport == "udp",
+                                  45 if transport == "udp" else 12)
 
 
 async def run_firefox(nursery, running, capture, pages, http_port, transport, tmp) -> str:
-    browser = shutil.which("firefox-esr") or shutil.which("firefox")
-    if not browser:
-        return "skipped: firefox-esr not installed"
-    profile = tempfile.mkdtemp(prefix="firefox-", dir=tmp)
-    with open(os.path.join(profile, "user.js"), "w") as f:
-        for key, value in FIREFOX_PREFS.items():
-            v = ("true" if value else "false") if isinstance(value, bool) else \
-                str(value) if isinstance(value, int) else f'"{value}"'
-            f.write(f'user_pref("{key}", {v});\n')
-    env = dict(os.environ, MOZ_HEADLESS="1", HOME=profile, TMPDIR=profile,
-               MOZ_CRASHREPORTER_DISABLE="1")
     async with Proxy(nursery, running, capture, "firefox") as port:
         query = urllib.parse.urlencode({"turn": f"turn:127.0.0.1:{port}?transport={transport}",
                                         "user": USER, "pass": PASSWORD})
-        cmd = [browser, "--headless", "--no-remote", "--profile", profile,
-               f"http://127.0.0.1:{http_port}/?{query}"]
-        return await browser_call("firefox", cmd, pages, transport == "udp",
-                                  60 if transport == "udp" else 15, env=env)
+        found = firefox_command(f"http://127.0.0.1:{http_port}/?{query}",
+                                tempfile.mkdtemp(prefix="firefox-", dir=tmp))
+        if found is None:
+            return "skipped: firefox-esr not installed"
+        return await browser_call("firefox", *found, pages, transport == "udp",
+                                  60 if transport == "udp" else 15)
 
 
 def free_udp_port() -> int:
