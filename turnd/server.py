@@ -166,8 +166,12 @@ def make_core(config: Config, listen: tuple = (), binder=None, *, port_range=Non
 
 
 class Shell:
-    def __init__(self, config: Config, listen: tuple, **core_args):
+    def __init__(self, config: Config, listen: tuple, now_fn=None, **core_args):
+        """``now_fn``: wall-clock seconds; by default trio's clock (so autojump_clock
+        drives expiry too) plus the wall time at start."""
         self.config = config
+        if now_fn is not None:
+            self.now = now_fn
         self.log_limited = RateLimitedLog()
         binder = SocketBinder(self.log_limited)
         self.core = make_core(config, listen, binder, **core_args)
@@ -181,8 +185,8 @@ class Shell:
         self.tcp_per_ip: dict[str, int] = {}  # by client_key: IPv4 address, IPv6 /64
         self.tcp_cap = tcp_cap(config)
         self.internal_errors = 0
-        # Wall-clock seconds, advanced by trio's clock (so autojump_clock drives expiry too).
-        self._wall_offset = time.time() - trio.current_time()
+        if now_fn is None:
+            self._wall_offset = time.time() - trio.current_time()
 
     def now(self) -> float:
         return trio.current_time() + self._wall_offset
