@@ -8,7 +8,7 @@ CONFIG ?= conf/turnd.toml
 FUZZ_SECONDS ?= 60
 FUZZ_TARGETS := codec framer fastpath core
 
-.PHONY: run test fuzz check-config clean
+.PHONY: run test fuzz bench check-config clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -34,6 +34,10 @@ fuzz: $(STAMP)
 			-artifact_prefix=.fuzz/crash-$$t- .fuzz/$$t 2>&1 | grep -E "DONE|stat::number_of_executed_units|crash-|Error" ; \
 		test $${PIPESTATUS[0]} -eq 0 || exit 1; \
 	done
+
+# turnd and coturn (Debian's turnserver) side by side; the table goes to bench/results/bench.md.
+bench: $(STAMP)
+	$(BIN)/python bench/run.py $(BENCH_ARGS)
 
 check-config: $(STAMP)
 	$(BIN)/turnd check-config $(CONFIG)

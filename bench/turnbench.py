@@ -12,7 +12,8 @@ Workloads:
   hot     one allocation, one channel, packets as fast as the server echoes them (a window
           of --window in flight)
   setup   allocations made one after another (Allocate, its 401 round trip, then Refresh 0),
-          from many source addresses (127.0.0.0/8) or, with --one-source, from one
+          from many source addresses (127.0.0.0/8) or, with --one-source, from one; with
+          --parallel N, N clients at a time
   idle    N idle allocations (--allocations, one ChannelBind each); with --pid, the server's
           RSS before and after, per allocation
 
@@ -325,54 +326,45 @@ def run_calls(args) -> dict:
 
 
 def run_hot(args) -> dict:
-    """One allocation, one channel: keep --window datagrams in flight, sent and received
-    64 at a time (sendmmsg/recvmmsg), so the generator is cheaper than the server."""
+    """--allocations flows (1: one hot flow), one channel each: keep --window datagrams in
+    flight per flow, sent and received 64 at a time (sendmmsg/recvmmsg), so the generator
+    costs far less than the server and the server's saturation is what is measured."""
     peer_pid, peer = start_echo_peer()
     clients: list[Client] = []
     try:
-        clients += make_clients(args, 1, rcvbuf=8 << 20)
-        cl = clients[0]
-        cl.allocate()
-        cl.request(c.CHANNEL_BIND, [(c.CHANNEL_NUMBER, 0x4000), (c.XOR_PEER_ADDRESS, peer)])
-        frame = channel_frame(0x4000, b"x" * args.size)
-        sock = cl.sock
-        sock.setblocking(False)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 8 << 20)
-        size = 64
-        out = bytearray(frame)
-        out_base = mmsg.address_of(out)
-        name = mmsg.sockaddr(cl.server)
-        name_buf = bytearray(name)
-        tx = mmsg.SendBatch(sock, size)
-        for k in range(size):
-            mmsg.NAME.pack_into(tx.names, k * mmsg.MMSG_SIZE, mmsg.address_of(name_buf), len(name))
-            mmsg.IOV.pack_into(tx.iovs_mv, k * mmsg.IOV_SIZE, out_base, len(frame))
-        rx = mmsg.RecvBatch(sock, bytearray(size * 2048), size, 2048, 0, 2048)
-        wait = select.poll()
-        wait.register(sock.fileno(), select.POLLIN)
-        sent = received = 0
+        n = max(1, args.allocations if args.allocations != 1000 else 1)
+        clients += make_clients(args, n, rcvbuf=8 << 20)
+        for cl in clients:
+            cl.allocate()
+            cl.request(c.CHANNEL_BIND, [(c.CHANNEL_NUMBER, 0x4000), (c.XOR_PEER_ADDRESS, peer)])
+        flows = [Flow(cl, channel_frame(0x4000, b"x" * args.size), args.window) for cl in clients]
+        ep = select.epoll()
+        by_fd = {f.sock.fileno(): f for f in flows}
+        for fd in by_fd:
+            ep.register(fd, select.EPOLLIN)
         cpu0 = cpu_seconds(args.pid)
         start = time.monotonic()
         deadline = start + args.seconds
-        last = start
+        for f in flows:
+            f.top_up()
+        checked = start
         while time.monotonic() < deadline:
-            room = args.window - (sent - received)
-            if room > 0:
-                tx.count = min(room, size)
-                done, _ = tx.flush()
-                sent += done
-            n = rx.receive(size)
-            if n > 0:
-                received += n
-                last = time.monotonic()
-            else:
-                wait.poll(1)
-                if time.monotonic() - last > 0.2:  # lost packets: refill the window
-                    sent = received
-                    last = time.monotonic()
+            for fd, _ in ep.poll(0.01):
+                f = by_fd[fd]
+                f.receive()
+                f.top_up()
+            now = time.monotonic()
+            if now - checked > 0.05:
+                checked = now
+                for f in flows:
+                    if now - f.last > 0.2:  # lost packets: refill the window
+                        f.sent, f.last = f.received, now
+                        f.top_up()
         elapsed = time.monotonic() - start
         cpu = cpu_seconds(args.pid) - cpu0
-        return {"workload": "hot", "received": received, "relayed_pps": 2 * received / elapsed,
+        received = sum(f.received for f in flows)
+        return {"workload": "hot" if n == 1 else f"hot-{n}", "received": received,
+                "relayed_pps": 2 * received / elapsed,
                 "cpu_us_per_relayed": 1e6 * cpu / (2 * received) if received and args.pid else None,
                 "server_cpu_pct": 100.0 * cpu / elapsed if args.pid else None}
     finally:
@@ -380,20 +372,122 @@ def run_hot(args) -> dict:
         release(clients)
 
 
+class Flow:
+    """One client socket keeping ``window`` ChannelData datagrams in flight, 64 per call."""
+
+    SIZE = 64
+
+    def __init__(self, cl: Client, frame: bytes, window: int):
+        self.sock, self.window = cl.sock, window
+        self.sock.setblocking(False)
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 8 << 20)
+        self.out = bytearray(frame)
+        self.name = bytearray(mmsg.sockaddr(cl.server))
+        self.tx = mmsg.SendBatch(self.sock, self.SIZE)
+        for k in range(self.SIZE):
+            mmsg.NAME.pack_into(self.tx.names, k * mmsg.MMSG_SIZE, mmsg.address_of(self.name), len(self.name))
+            mmsg.IOV.pack_into(self.tx.iovs_mv, k * mmsg.IOV_SIZE, mmsg.address_of(self.out), len(frame))
+        self.rx = mmsg.RecvBatch(self.sock, bytearray(self.SIZE * 2048), self.SIZE, 2048, 0, 2048)
+        self.sent = self.received = 0
+        self.last = time.monotonic()
+
+    def top_up(self) -> None:
+        room = self.window - (self.sent - self.received)
+        while room > 0:
+            self.tx.count = min(room, self.SIZE)
+            done, _ = self.tx.flush()
+            if not done:
+                return
+            self.sent += done
+            room -= done
+
+    def receive(self) -> None:
+        while True:
+            n = self.rx.receive(self.SIZE)
+            if n <= 0:
+                return
+            self.received += n
+            self.last = time.monotonic()
+
+
 def run_setup(args) -> dict:
+    """Allocations set up (401 round trip, Allocate, Refresh 0), one client after another,
+    or with --parallel N, N clients at a time (a meeting that everyone joins at once)."""
     clients = make_clients(args, args.allocations)
     cpu0 = cpu_seconds(args.pid)
     start = time.monotonic()
-    done = 0
-    for cl in clients:
-        cl.allocate()
-        cl.request(c.REFRESH, [(c.LIFETIME, 0)])
-        cl.sock.close()
-        done += 1
+    if args.parallel <= 1:
+        for cl in clients:
+            cl.allocate()
+            cl.request(c.REFRESH, [(c.LIFETIME, 0)])
+            cl.sock.close()
+    else:
+        setup_in_parallel(clients, args.parallel)
+    done = len(clients)
     elapsed = time.monotonic() - start
-    return {"workload": "setup-one-source" if args.one_source else "setup", "allocations": done,
-            "per_s": done / elapsed,
+    name = "setup" + ("-parallel" if args.parallel > 1 else "") + ("-one-source" if args.one_source else "")
+    return {"workload": name, "allocations": done, "per_s": done / elapsed,
             "cpu_ms_per_allocation": 1e3 * (cpu_seconds(args.pid) - cpu0) / done if args.pid else None}
+
+
+def setup_in_parallel(clients: list[Client], width: int) -> None:
+    """Each client: Allocate (401), Allocate, Refresh 0; ``width`` of them at a time, driven
+    by one epoll; a request unanswered for 0.5 s is sent again."""
+    ep = select.epoll()
+    waiting = list(reversed(clients))
+    active: dict[int, list] = {}  # fd -> [client, step, message bytes, transaction id, sent at]
+
+    def send(entry, method, attrs):
+        cl = entry[0]
+        extra = [(c.USERNAME, cl.user), (c.REALM, cl.realm), (c.NONCE, cl.nonce)] if cl.nonce else []
+        msg = Message(method, c.REQUEST, os.urandom(12), attrs + extra)
+        entry[2] = encode(msg, key=cl.key if cl.nonce else None)
+        entry[3], entry[4] = msg.transaction_id, time.monotonic()
+        cl.sock.sendto(entry[2], cl.server)
+
+    def start_next():
+        cl = waiting.pop()
+        cl.sock.setblocking(False)
+        entry = [cl, 0, b"", b"", 0.0]
+        active[cl.sock.fileno()] = entry
+        ep.register(cl.sock.fileno(), select.EPOLLIN)
+        send(entry, c.ALLOCATE, [(c.REQUESTED_TRANSPORT, 17)])
+
+    while waiting and len(active) < width:
+        start_next()
+    while active:
+        for fd, _ in ep.poll(0.05):
+            entry = active[fd]
+            cl = entry[0]
+            try:
+                data = cl.sock.recv(65536)
+            except BlockingIOError:
+                continue
+            resp = decode_untrusted(data)
+            if resp.transaction_id != entry[3]:
+                continue
+            err = resp.get(c.ERROR_CODE)
+            if err is not None and err.code in (401, 438):
+                cl.realm, cl.nonce = resp.get(c.REALM), resp.get(c.NONCE)
+                cl.key = long_term_key(cl.user, cl.realm, cl.password)
+                send(entry, c.ALLOCATE if entry[1] == 0 else c.REFRESH,
+                     [(c.REQUESTED_TRANSPORT, 17)] if entry[1] == 0 else [(c.LIFETIME, 0)])
+            elif err is not None:
+                raise RuntimeError(f"{err.code} {err.reason}")
+            elif entry[1] == 0:
+                entry[1] = 1
+                send(entry, c.REFRESH, [(c.LIFETIME, 0)])
+            else:
+                ep.unregister(fd)
+                del active[fd]
+                cl.sock.close()
+                if waiting:
+                    start_next()
+        now = time.monotonic()
+        for entry in active.values():
+            if now - entry[4] > 0.5:
+                entry[4] = now
+                entry[0].sock.sendto(entry[2], entry[0].server)
 
 
 def run_idle(args) -> dict:
@@ -432,6 +526,7 @@ def main(argv=None) -> int:
     parser.add_argument("--window", type=int, default=256)
     parser.add_argument("--send", action="store_true", help="Send/Data indications, not channels")
     parser.add_argument("--one-source", action="store_true", help="every client from 127.0.0.1")
+    parser.add_argument("--parallel", type=int, default=1, help="setup: clients at a time")
     args = parser.parse_args(argv)
     print(json.dumps(WORKLOADS[args.workload](args)), flush=True)
     return 0

@@ -29,3 +29,22 @@ def test_worst_request_bench_smoke():
     answers = [row.strip("|").split("|")[3].strip() for row in rows[1:]]
     assert answers[0].startswith("401")
     assert all(a.startswith(("400", "401", "dropped")) for a in answers), answers
+
+
+def test_make_bench_smoke():
+    """Every workload of `make bench`, seconds-long, against turnd (and coturn when there)."""
+    import shutil
+    args = [sys.executable, os.path.join(ROOT, "bench", "run.py"), "--quick", "--repeat", "1"]
+    if shutil.which("turnserver") is None:
+        if os.environ.get("CI"):
+            raise AssertionError("coturn's turnserver is missing in CI")
+        args.append("--no-coturn")
+    result = subprocess.run(args, capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert result.returncode == 0, result.stderr[-3000:]
+    table = result.stdout.split("| workload |", 1)[1]
+    for label in ("many calls (", "Send/Data + FINGERPRINT", "one hot flow", "allocation set-up, many",
+                  "allocation set-up, one source", "32 clients at a time", "RSS per idle allocation",
+                  "workers = 1", "workers = 2"):
+        assert label in table, (label, table)
+    losses = [line for line in table.splitlines() if line.startswith("|   loss")]
+    assert losses and all(line.split("|")[2].strip() == "0.00" for line in losses), losses

@@ -51,10 +51,13 @@ from .stun.attributes import CODECS, encode_value
 BATCH = 64  # datagrams drained from a listen socket per wakeup
 MAX_EVENTS = 256  # ready sockets handled per wakeup before other tasks run
 OUT_SLOTS = 64  # datagrams to UDP clients gathered for one sendmmsg
-HOT_EVENTS = 4  # with this few sockets ready, each relay socket is read with recvmmsg
+HOT_READS = 8  # datagrams at least taken at once from a relay socket that has a backlog
 LINGER = 0.0003  # under load, seconds to let datagrams gather before the next wakeup
 LINGER_RATE = 4000  # datagrams per second from which turnd lingers ("under load")
 RATE_WINDOW = 0.1  # seconds over which that rate is measured
+LINGER_START = 1.15  # datagrams per wakeup, without lingering, that show flows arriving together
+LINGER_GAIN = 3  # datagrams per wakeup below which lingering is not worth its delay
+LINGER_BACKOFF = 1.0  # seconds before lingering that did not pay may start again
 BUFFER_SIZE = 65536
 HEADROOM = 64  # room for a Data indication header in front of the payload
 _STRIDE = HEADROOM + BUFFER_SIZE + 64  # one slot of an arena: headroom, a datagram, padding
@@ -356,6 +359,7 @@ class RelayEngine:
                                    _STRIDE, HEADROOM, BUFFER_SIZE)
             for family in (socket.AF_INET, socket.AF_INET6)}
         self.peer_addrs: dict[bytes, tuple] = {}  # mmsg.key_of(sockaddr) -> (ip, port)
+        self.ready: set[int] = set()  # relay sockets ready at the last wakeup
         self.queues: dict[int, mmsg.SendBatch] = {}  # listen socket fd -> its clients' datagrams
         # Datagrams to peers: a run of them through one relay socket goes in one sendmmsg
         # (the fd is set per run); peers' sockaddrs are built once.
@@ -396,7 +400,7 @@ class RelayEngine:
         sock, alloc = relay.handle, relay.alloc
         fd = sock.fileno()
         self.handlers[fd] = (_RELAY, sock.recvfrom_into, alloc, alloc.permissions,
-                             alloc.peer_channels, sock.family == socket.AF_INET6, fd)
+                             alloc.peer_channels, relay.family == 6, fd)
         self.ep.register(fd, select.EPOLLIN)
 
     def remove(self, sock: socket.socket) -> None:
@@ -416,7 +420,8 @@ class RelayEngine:
         stats = self.stats
         timer = _TimerFd()
         monotonic = time.monotonic
-        window_start, window_packets, lingering = monotonic(), 0, False
+        window_start, window_packets, window_wakeups, lingering = monotonic(), 0, 0, False
+        retry_at = 0.0
         try:
             while True:
                 await wait_readable(epfd)
@@ -434,12 +439,21 @@ class RelayEngine:
                         packets, full = 0, False
                     # Coalescing: under load, wait LINGER before looking again, so the next
                     # wakeup finds many datagrams, not one: trio's per-wakeup cost and the
-                    # system calls are shared by all of them.  Idle, no wait: no latency.
+                    # system calls are shared by all of them.  It starts when many datagrams
+                    # arrive and some arrive together (independent flows: calls); never for
+                    # one client waiting for each answer, where it would only add delay; and
+                    # it stops when it gathers too little to be worth its delay.
                     window_packets += packets
+                    window_wakeups += 1
                     t = monotonic()
                     if t - window_start >= RATE_WINDOW:
-                        lingering = window_packets >= LINGER_RATE * (t - window_start)
-                        window_start, window_packets = t, 0
+                        if lingering:
+                            if window_packets < LINGER_GAIN * window_wakeups:
+                                lingering, retry_at = False, t + LINGER_BACKOFF
+                        elif t >= retry_at:
+                            lingering = (window_packets >= LINGER_RATE * (t - window_start)
+                                         and window_packets >= LINGER_START * window_wakeups)
+                        window_start, window_packets, window_wakeups = t, 0, 0
                     if full:
                         await checkpoint()  # more is waiting: let others run, go on at once
                     elif lingering:
@@ -471,10 +485,11 @@ class RelayEngine:
         udp_client = UdpClient
         to_client = dropped = send_dropped = recv_errors = too_big = received = 0
         full = len(events) == MAX_EVENTS
-        # One datagram per relay socket, unless only a few are ready (a hot flow): then
-        # recvmmsg takes what each one holds, up to ``reads``.
-        reads = BATCH // len(events) if len(events) <= HOT_EVENTS else 1
-        single = reads == 1
+        # One datagram per relay socket, unless it was ready at the last wakeup too (it
+        # has a backlog: a busy flow): then recvmmsg takes up to ``reads`` at once.
+        reads = min(OUT_SLOTS, max(HOT_READS, BATCH * 4 // len(events)))
+        was_ready, ready = self.ready, set()
+        self.ready = ready
         try:
             for fd, _ in events:
                 h = handlers.get(fd)
@@ -486,7 +501,9 @@ class RelayEngine:
                     full = full or more
                     continue
                 _, recv_into, alloc, permissions, peer_channels, v6, rfd = h
-                if slot + reads > OUT_SLOTS:  # room for all this socket may bring
+                ready.add(fd)
+                single = fd not in was_ready
+                if slot + (1 if single else reads) > OUT_SLOTS:  # room for what it may bring
                     sent, lost = self._flush()
                     to_client += sent
                     send_dropped += lost
@@ -500,13 +517,14 @@ class RelayEngine:
                         recv_errors += 1
                         continue
                     got = ((slot, n, addr[:2] if v6 else addr),)
-                else:  # few sockets ready: read each with recvmmsg into consecutive slots
+                else:  # a busy socket: recvmmsg into consecutive slots
                     rb = batch6 if v6 else batch4
-                    m = rb.receive_at(rfd, slot, reads)
+                    limit = min(reads, OUT_SLOTS - slot)
+                    m = rb.receive_at(rfd, slot, limit)
                     if m <= 0:
                         recv_errors += m < 0
                         continue
-                    full = full or m == reads  # a hot socket may hold more
+                    full = full or m == limit  # a hot socket may hold more
                     nl, names, lens = rb.namelen, rb.names, rb.lens
                     got = []
                     for cur in range(slot, slot + m):

@@ -218,8 +218,6 @@ class Shell:
         alloc.client_handle = self.engine.add_client(sock, addr, alloc)
         for r in alloc.relays.values():
             self.engine.add_relay(r)
-        log.debug("allocation for %r: relays %s", alloc.username,
-                  [r.address for r in alloc.relays.values()])
 
     def _stop_relaying(self, alloc) -> None:
         # The core has removed and closed the relay sockets already (binder.unbind).

@@ -30,6 +30,7 @@ from . import constants as c
 from .errors import StunDecodeError
 
 Address = tuple  # (ip: str, port: int)
+_ADDRESS_HEAD = struct.Struct("!BBH")
 
 
 @attrs.frozen
@@ -123,15 +124,29 @@ def _decode_address(value: bytes, xor_key: bytes | None) -> Address:
     return (format_ipv4(raw) if family == c.FAMILY_IPV4 else format_ipv6(raw), port)
 
 
+_PACKED: dict[str, bytes] = {}  # IP text -> packed, for the addresses turnd answers with
+
+
+def packed_ip(ip: str) -> bytes:
+    """4 or 16 bytes of an IP address in text (ipaddress is slow: cache what repeats)."""
+    raw = _PACKED.get(ip)
+    if raw is None:
+        raw = ipaddress.ip_address(ip).packed
+        if len(_PACKED) >= 4096:
+            _PACKED.clear()
+        _PACKED[ip] = raw
+    return raw
+
+
 def _encode_address(addr: Address, xor_key: bytes | None) -> bytes:
-    ip = ipaddress.ip_address(addr[0])
+    raw = packed_ip(addr[0])
     port = addr[1]
-    raw = ip.packed
-    family = c.FAMILY_IPV4 if ip.version == 4 else c.FAMILY_IPV6
+    family = c.FAMILY_IPV4 if len(raw) == 4 else c.FAMILY_IPV6
     if xor_key is not None:
         port ^= c.MAGIC_COOKIE >> 16
-        raw = bytes(a ^ b for a, b in zip(raw, xor_key))
-    return struct.pack("!BBH", 0, family, port) + raw
+        n = len(raw)
+        raw = (int.from_bytes(raw, "big") ^ int.from_bytes(xor_key[:n], "big")).to_bytes(n, "big")
+    return _ADDRESS_HEAD.pack(0, family, port) + raw
 
 
 def xor_key(transaction_id: bytes) -> bytes:

@@ -6,7 +6,7 @@ import struct
 import zlib
 
 from . import constants as c
-from .attributes import CODECS, attribute_name, check_address, decode_value, encode_value
+from .attributes import CODECS, check_address, encode_value
 from .errors import StunDecodeError
 
 _HEADER = struct.Struct("!HHI12s")
@@ -50,7 +50,7 @@ class Message:
     attributes, so integrity is verified over the bytes as received.
     """
 
-    __slots__ = ("method", "cls", "transaction_id", "_attributes", "_deferred", "raw",
+    __slots__ = ("method", "cls", "transaction_id", "_attributes", "_deferred", "_first", "raw",
                  "integrity_offset", "integrity_sha256_offset", "fingerprint_offset",
                  "unknown_required", "ignored_after_integrity")
 
@@ -63,6 +63,7 @@ class Message:
         self.transaction_id = bytes(transaction_id)
         self._attributes = list(attributes or [])
         self._deferred = 0  # how many values in _attributes are still _Deferred
+        self._first: dict[int, int] | None = None  # type -> index of its first occurrence
         self.raw: bytes | None = None
         self.integrity_offset: int | None = None
         self.integrity_sha256_offset: int | None = None
@@ -80,7 +81,7 @@ class Message:
 
     @attributes.setter
     def attributes(self, value: list) -> None:
-        self._attributes, self._deferred = value, 0
+        self._attributes, self._deferred, self._first = value, 0, None
 
     def _build(self, v: _Deferred):
         self._deferred -= 1
@@ -88,14 +89,19 @@ class Message:
 
     def get(self, attr_type: int, default=None):
         """The first value of ``attr_type``, or ``default``."""
-        attrs = self._attributes
-        for i, (t, v) in enumerate(attrs):
-            if t == attr_type:
-                if type(v) is _Deferred:
-                    v = self._build(v)
-                    attrs[i] = (t, v)
-                return v
-        return default
+        first = self._first
+        if first is None:  # a message built by hand: index it once
+            first = self._first = {}
+            for i, (t, _) in enumerate(self._attributes):
+                first.setdefault(t, i)
+        i = first.get(attr_type)
+        if i is None:
+            return default
+        t, v = self._attributes[i]
+        if type(v) is _Deferred:
+            v = self._build(v)
+            self._attributes[i] = (t, v)
+        return v
 
     def get_all(self, attr_type: int) -> list:
         attrs = self._attributes
@@ -109,7 +115,9 @@ class Message:
         return out
 
     def __contains__(self, attr_type: int) -> bool:
-        return any(t == attr_type for t, _ in self._attributes)
+        if self._first is None:
+            return any(t == attr_type for t, _ in self._attributes)
+        return attr_type in self._first
 
     def __repr__(self) -> str:
         from .attributes import attribute_name
@@ -151,13 +159,14 @@ def decode_untrusted(data: bytes, max_attributes: int = c.MAX_ATTRIBUTES) -> Mes
     method, cls = method_of(msg_type), class_of(msg_type)
     msg = Message(method, cls, tid)
     msg.raw = data
+    attributes = msg._attributes
+    first = msg._first = {}
 
     def bad(reason: str) -> StunDecodeError:
         return StunDecodeError(reason, method=method, cls=cls, transaction_id=tid)
 
     unknown: dict[int, None] = {}  # ordered and O(1): no quadratic de-duplication
     ignored: list[int] = []
-    seen: set[int] = set()
     pos = c.HEADER_SIZE
     end = len(data)
     count = 0
@@ -182,49 +191,46 @@ def decode_untrusted(data: bytes, max_attributes: int = c.MAX_ATTRIBUTES) -> Mes
             ignored.append(attr_type)
             continue
         if attr_type == c.FINGERPRINT:
-            msg._attributes.append((attr_type, _decode(attr_type, value, tid, bad)))
             msg.fingerprint_offset = offset
             stage = 3
-            continue
-        if attr_type == c.MESSAGE_INTEGRITY_SHA256 and stage < 2:
-            msg._attributes.append((attr_type, _decode(attr_type, value, tid, bad)))
+        elif attr_type == c.MESSAGE_INTEGRITY_SHA256 and stage < 2:
             msg.integrity_sha256_offset = offset
             stage = 2
-            continue
-        if attr_type == c.MESSAGE_INTEGRITY and stage == 0:
-            msg._attributes.append((attr_type, _decode(attr_type, value, tid, bad)))
+        elif attr_type == c.MESSAGE_INTEGRITY and stage == 0:
             msg.integrity_offset = offset
             stage = 1
-            continue
-        if stage:
+        elif stage:
             ignored.append(attr_type)
             continue
-        if attr_type in CODECS:
-            if attr_type in seen:
-                # RFC 8489 §14: only the first occurrence needs processing; duplicates
-                # may be ignored.  They are, unread: no attribute is decoded twice.
-                continue
-            if attr_type not in REPEATABLE:
-                seen.add(attr_type)
-        elif c.comprehension_required(attr_type):
-            unknown[attr_type] = None
+        entry = CODECS.get(attr_type)
+        if entry is None:
+            if c.comprehension_required(attr_type):
+                unknown[attr_type] = None
+            first.setdefault(attr_type, len(attributes))
+            attributes.append((attr_type, value))  # an unknown type: its raw bytes
+            continue
         if attr_type in REPEATABLE:  # checked now, built when read
             if not check_address(value):
-                raise bad(f"malformed {attribute_name(attr_type)}")
-            msg._attributes.append((attr_type, _Deferred(CODECS[attr_type][1], value, tid)))
+                raise bad(f"malformed {entry[0]}")
+            first.setdefault(attr_type, len(attributes))
+            attributes.append((attr_type, _Deferred(entry[1], value, tid)))
             msg._deferred += 1
             continue
-        msg._attributes.append((attr_type, _decode(attr_type, value, tid, bad)))
+        if attr_type in first:
+            # RFC 8489 §14: only the first occurrence needs processing; duplicates
+            # may be ignored.  They are, unread: no attribute is decoded twice.
+            continue
+        try:
+            decoded = entry[1](value, tid)
+        except StunDecodeError as exc:
+            raise bad(exc.reason) from None
+        except (ValueError, IndexError, struct.error) as exc:  # defensive: never leak these
+            raise bad(f"bad {entry[0]}: {exc}") from None
+        first[attr_type] = len(attributes)
+        attributes.append((attr_type, decoded))
     msg.unknown_required = tuple(unknown)
     msg.ignored_after_integrity = tuple(ignored)
     return msg
-
-
-def _decode(attr_type, value, tid, bad):
-    try:
-        return decode_value(attr_type, value, tid)
-    except StunDecodeError as exc:
-        raise bad(exc.reason) from None
 
 
 def _tlv(attr_type: int, value: bytes) -> bytes:
