@@ -113,7 +113,7 @@ class Server:
 
     def bench(self, workload: str, *args: str, timeout: float = 300) -> dict:
         cmd = [sys.executable, TURNBENCH, workload, "--port", str(self.port), "--user", USER,
-               "--password", PASSWORD, "--pid", str(self.proc.pid), *args]
+               "--password", PASSWORD, "--pid", str(self.proc.pid), *args, *fresh_ports(args)]
         out = subprocess.run(pinned(cmd, "1"), capture_output=True, text=True, timeout=timeout, cwd=ROOT)
         if out.returncode:
             raise RuntimeError(f"{self.name} {workload}: {out.stderr.strip()[-500:]}")
@@ -123,6 +123,22 @@ class Server:
 def median_of(runs: list[dict], key: str):
     values = [r[key] for r in runs if r.get(key) is not None]
     return statistics.median(values) if values else None
+
+
+_next_port = [1024]  # client source ports, below the relay ranges: each run its own
+
+
+def fresh_ports(args) -> tuple[str, str]:
+    """--first-port for a run: 5-tuples no earlier run used (coturn keeps a deleted
+    allocation for a while and answers 437 on its 5-tuple)."""
+    count = 1
+    if "--one-source" in args:
+        count = int(args[args.index("--allocations") + 1]) if "--allocations" in args else 1000
+    first = _next_port[0]
+    _next_port[0] = first + count
+    if _next_port[0] > 19999:
+        raise RuntimeError("out of fresh client ports: fewer repeats")
+    return "--first-port", str(first)
 
 
 def alternate(servers: dict, repeat: int, workload: str, *args: str) -> dict[str, list[dict]]:

@@ -103,32 +103,37 @@ def source_address(i: int) -> str:
 class Client:
     """One allocation's client socket: synchronous requests during set-up."""
 
-    def __init__(self, server: tuple, user: str, password: str, source: str, rcvbuf: int = 0):
+    def __init__(self, server: tuple, user: str, password: str, source: str, rcvbuf: int = 0,
+                 port: int = 0):
         self.server, self.user, self.password = server, user, password
         self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
         if rcvbuf:
             self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
-        self.sock.bind((source, 0))
+        self.sock.bind((source, port))
         self.sock.settimeout(2.0)
         self.realm = self.nonce = None
         self.key = b""
 
     def request(self, method: int, attrs: list, tries: int = 4) -> Message:
+        data = b""
         for _ in range(tries):
-            extra = []
-            if self.nonce:
-                extra = [(c.USERNAME, self.user), (c.REALM, self.realm), (c.NONCE, self.nonce)]
-            msg = Message(method, c.REQUEST, os.urandom(12), attrs + extra)
-            self.sock.sendto(encode(msg, key=self.key if self.nonce else None), self.server)
+            if not data:  # a new transaction (a retransmission sends the same bytes again)
+                extra = []
+                if self.nonce:
+                    extra = [(c.USERNAME, self.user), (c.REALM, self.realm), (c.NONCE, self.nonce)]
+                msg = Message(method, c.REQUEST, os.urandom(12), attrs + extra)
+                data = encode(msg, key=self.key if self.nonce else None)
+            self.sock.sendto(data, self.server)
             try:
                 while True:
-                    data = self.sock.recv(65536)
-                    if data[0] < 0x40:
-                        resp = decode_untrusted(data)
+                    reply = self.sock.recv(65536)
+                    if reply[0] < 0x40:
+                        resp = decode_untrusted(reply)
                         if resp.transaction_id == msg.transaction_id:
                             break
             except socket.timeout:
                 continue  # lost (or rate-limited): retransmit
+            data = b""
             err = resp.get(c.ERROR_CODE)
             if err is not None and err.code in (401, 438):
                 self.realm, self.nonce = resp.get(c.REALM), resp.get(c.NONCE)
@@ -147,8 +152,13 @@ def make_clients(args, n: int, rcvbuf: int = 0) -> list[Client]:
     server = (args.host, args.port)
     clients = []
     for i in range(n):
-        source = "127.0.0.1" if getattr(args, "one_source", False) else source_address(i)
-        cl = Client(server, args.user, args.password, source, rcvbuf)
+        one = getattr(args, "one_source", False)
+        source = "127.0.0.1" if one else source_address(i)
+        # --first-port: 5-tuples no earlier run used (coturn remembers a deleted allocation on
+        # its 5-tuple for a while and answers 437 there): each client of this run on that port
+        # of its own address, or from one address, on ports from there up.
+        port = (args.first_port + i if one else args.first_port) if args.first_port else 0
+        cl = Client(server, args.user, args.password, source, rcvbuf, port)
         clients.append(cl)
     return clients
 
@@ -420,11 +430,12 @@ def run_setup(args) -> dict:
         for cl in clients:
             cl.allocate()
             cl.request(c.REFRESH, [(c.LIFETIME, 0)])
-            cl.sock.close()
     else:
         setup_in_parallel(clients, args.parallel)
     done = len(clients)
     elapsed = time.monotonic() - start
+    for cl in clients:  # closed only now: a port used again at once would meet a server that
+        cl.sock.close()  # still remembers the allocation deleted on it (coturn answers 437)
     name = "setup" + ("-parallel" if args.parallel > 1 else "") + ("-one-source" if args.one_source else "")
     return {"workload": name, "allocations": done, "per_s": done / elapsed,
             "cpu_ms_per_allocation": 1e3 * (cpu_seconds(args.pid) - cpu0) / done if args.pid else None}
@@ -480,7 +491,6 @@ def setup_in_parallel(clients: list[Client], width: int) -> None:
             else:
                 ep.unregister(fd)
                 del active[fd]
-                cl.sock.close()
                 if waiting:
                     start_next()
         now = time.monotonic()
@@ -527,6 +537,8 @@ def main(argv=None) -> int:
     parser.add_argument("--send", action="store_true", help="Send/Data indications, not channels")
     parser.add_argument("--one-source", action="store_true", help="every client from 127.0.0.1")
     parser.add_argument("--parallel", type=int, default=1, help="setup: clients at a time")
+    parser.add_argument("--first-port", type=int, default=0,
+                        help="bind clients to this port (--one-source: this port and up)")
     args = parser.parse_args(argv)
     print(json.dumps(WORKLOADS[args.workload](args)), flush=True)
     return 0
