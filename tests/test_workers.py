@@ -142,6 +142,10 @@ async def test_a_dead_worker_is_restarted_on_the_same_socket_with_the_same_secre
         await victim.sock.sendto(data, server)
         reply = decode_untrusted((await victim.sock.recvfrom(2048))[0])
         assert reply.get(c.ERROR_CODE).code == 437
+        # The killed worker's relay port is no longer one of turnd's live relays.
+        resp = await survivor.call(c.CHANNEL_BIND, [(c.CHANNEL_NUMBER, 0x4000),
+                                                    (c.XOR_PEER_ADDRESS, relayed)])
+        assert resp.get(c.ERROR_CODE).code == 403
         # ...and it can allocate again, while the other worker's client never noticed.
         assert worker_of(await victim.allocate()) == 1
         assert (await survivor.call(c.REFRESH, [(c.LIFETIME, 600)])).cls == c.SUCCESS

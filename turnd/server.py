@@ -160,6 +160,8 @@ def make_core(config: Config, listen: tuple = (), binder=None, *, port_range=Non
         channels_per_allocation=limits.channels_per_allocation,
         unauth_rate=limits.unauthenticated_rate, host_addresses=host_addresses())
     live = LiveRelays(pconfig.relay_addresses, dict(pconfig.external), live_buffer)
+    if live_buffer is not None:  # a (re)started worker: its slice holds no live relay yet
+        live.clear(*pconfig.port_range)
     return TurnServer(pconfig, credentials=credentials,
                       policy=PeerPolicy(config.peers.allow, config.peers.deny), binder=binder,
                       nonce_secret=nonce_secret or secrets.token_bytes(SECRET_SIZE), live=live)

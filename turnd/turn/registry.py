@@ -43,6 +43,14 @@ class LiveRelays:
         i = self.index[ip] * BYTES_PER_ADDRESS + (port >> 3)
         self.buffer[i] &= ~(1 << (port & 7)) & 0xFF
 
+    def clear(self, low: int, high: int) -> None:
+        """Mark ports ``low``..``high`` of every relay address not live: what a worker does
+        with its own slice at start, since a worker that was killed left its bits set."""
+        for i in set(self.index.values()):
+            base = i * BYTES_PER_ADDRESS
+            for port in range(low, high + 1):
+                self.buffer[base + (port >> 3)] &= ~(1 << (port & 7)) & 0xFF
+
     def live(self, addr: tuple) -> bool:
         """Is ``addr`` (ip, port) a live relay address (internal or public) of turnd?"""
         i = self.index.get(addr[0])
