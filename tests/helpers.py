@@ -110,3 +110,68 @@ async def recv_or_none(sock, timeout=0.3):
     with trio.move_on_after(timeout):
         return await sock.recvfrom(65536)
     return None
+
+
+class StreamTurn:
+    """A TURN client over a real TCP or TLS stream (frames read with turnd's StreamFramer,
+    which is tested on its own)."""
+
+    def __init__(self, stream, client: TurnClient):
+        from turnd.stun.framing import StreamFramer
+        self.stream, self.client = stream, client
+        self.framer = StreamFramer(0x80)
+
+    @classmethod
+    async def connect(cls, server, user="alice", password="alicepw", *, tls_ca: str | None = None,
+                      prefix: bytes = b""):
+        """``tls_ca``: the PEM the server's certificate must chain to (TLS); ``prefix``: bytes
+        sent first (a PROXY header)."""
+        import ssl
+        stream = await trio.open_tcp_stream(*server)
+        if prefix:
+            await stream.send_all(prefix)
+        if tls_ca is not None:
+            ctx = ssl.create_default_context(cafile=tls_ca)
+            ctx.check_hostname = False
+            stream = trio.SSLStream(stream, ctx, server_hostname="localhost")
+            await stream.do_handshake()
+        return cls(stream, TurnClient(user, password))
+
+    async def frame(self, timeout: float = 2.0) -> bytes | None:
+        """The next frame from the server; None after ``timeout`` or at the end of the stream."""
+        with trio.move_on_after(timeout):
+            while True:
+                frame = self.framer.next_frame_untrusted()
+                if frame is not None:
+                    return frame
+                data = await self.stream.receive_some(65536)
+                if not data:
+                    return None
+                self.framer.feed(data)
+        return None
+
+    async def call(self, method, attributes=()) -> Message:
+        for _ in range(2):
+            msg, data = self.client.request(method, attributes)
+            await self.stream.send_all(data)
+            while True:
+                reply = await self.frame()
+                assert reply is not None, "no answer"
+                if reply[0] < 0x40:
+                    resp = self.client.learn(reply)
+                    if resp.transaction_id == msg.transaction_id:
+                        break
+            err = resp.get(c.ERROR_CODE)
+            if err is None or err.code not in (401, 438):
+                return resp
+        return resp
+
+    allocate = UdpTurn.allocate
+    permit = UdpTurn.permit
+    bind = UdpTurn.bind
+
+    async def send(self, data: bytes) -> None:
+        await self.stream.send_all(data)
+
+    async def aclose(self) -> None:
+        await self.stream.aclose()

@@ -176,7 +176,7 @@ class EngineMachine(RuleBasedStateMachine):
     def tick(self, seconds):
         self.now += seconds
         while True:
-            self.shell.execute(self.shell.core.expire(self.now), None, None)
+            self.shell.execute(self.shell.core.expire(self.now), None)
             if not self.shell.core.sweep_pending:
                 break
         for i in (0, 1):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import sys
 
 import click
@@ -17,8 +18,13 @@ EXIT_STARTUP = 1
 
 
 def _load_or_exit(path: str) -> Config:
+    """The config, its TLS certificate and key checked too (one line and exit 2 if not)."""
     try:
-        return load_config(path)
+        config = load_config(path)
+        if config.tls.cert or config.tls.key:
+            from .tls import load_context
+            load_context(config.tls)
+        return config
     except ConfigError as exc:
         click.echo(f"config error: {exc}", err=True)
         sys.exit(EXIT_CONFIG)
@@ -65,3 +71,18 @@ def check_config(path: str) -> None:
     """Validate a configuration file and exit 0 (valid) or 2 (invalid)."""
     _load_or_exit(path)
     click.echo(f"{path}: ok")
+
+
+@main.command("gen-cert")
+@click.option("--host", required=True, help="The name (or IP address) clients use in turns: URLs.")
+@click.option("--out", default=".", show_default=True, type=click.Path(file_okay=False),
+              help="Where to write turnd.crt and turnd.key.")
+@click.option("--days", default=365, show_default=True, type=click.IntRange(1, 3650))
+def gen_cert(host: str, out: str, days: int) -> None:
+    """Write a self-signed certificate and key, for tests and first setup."""
+    from .tls import generate, spki_sha256
+    cert, key = generate(host, out, days)
+    click.echo(f"wrote {cert} and {key} (mode 0600), for {host}, valid {days} days")
+    click.echo(f'[tls]\ncert = "{os.path.abspath(cert)}"\nkey = "{os.path.abspath(key)}"')
+    click.echo(f"browsers will not trust it; for a test with Chromium: "
+               f"--ignore-certificate-errors-spki-list={spki_sha256(cert)}")

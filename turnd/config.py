@@ -42,6 +42,14 @@ class ServerConfig:
     realm: str = "turnd"
     software: str = ""
     workers: int = 1  # processes sharing the listen ports ("auto": one per CPU)
+    tls_listen: tuple[Endpoint, ...] = ()  # TURN over TLS ("turns:"), usually 5349 or 443
+    proxy_protocol: tuple[str, ...] = ()   # CIDRs of trusted proxies that send a PROXY header
+
+
+@attrs.frozen
+class TlsConfig:
+    cert: str = ""  # PEM: the certificate, then any chain
+    key: str = ""   # PEM: its private key
 
 
 @attrs.frozen
@@ -81,11 +89,13 @@ class LimitsConfig:
     tcp_connections_per_ip: int = 256
     tcp_first_message_timeout: int = 10
     tcp_idle_timeout: int = 300
+    tls_handshake_timeout: int = 10
 
 
 @attrs.frozen
 class Config:
     server: ServerConfig = ServerConfig()
+    tls: TlsConfig = TlsConfig()
     auth: AuthConfig = AuthConfig()
     relay: RelayConfig = RelayConfig()
     peers: PeersConfig = PeersConfig()
@@ -184,20 +194,17 @@ def _text(section: _Section, k: str, default: str, *, max_chars: int = 127) -> s
 
 def _parse_server(raw: Any) -> ServerConfig:
     s = _Section(raw, "server")
-    s.check_unknown({"listen", "realm", "software", "workers"})
+    s.check_unknown({"listen", "realm", "software", "workers", "tls_listen", "proxy_protocol"})
     listen = ServerConfig().listen
     if "listen" in s.data:
-        items = s.get("listen", list, [])
-        if not items:
+        listen = _endpoints(s, "listen")
+        if not listen:
             raise ConfigError("server.listen", "must list at least one \"host:port\"")
-        # Port 0 takes any free port (the same for UDP and TCP; tests use it).
-        listen = tuple(parse_endpoint(item, f"server.listen[{i}]", allow_port_zero=True)
-                       for i, item in enumerate(items))
-        seen = set()
-        for i, ep in enumerate(listen):
-            if ep in seen:
-                raise ConfigError(f"server.listen[{i}]", f'"{ep}": listed twice')
-            seen.add(ep)
+    tls_listen = _endpoints(s, "tls_listen") if "tls_listen" in s.data else ()
+    for i, ep in enumerate(tls_listen):
+        if ep.port and ep in listen:
+            raise ConfigError(f"server.tls_listen[{i}]", f'"{ep}": also in server.listen (a plain '
+                              "TCP port serves a TLS ClientHello anyway when tls.cert is set)")
     realm = _text(s, "realm", ServerConfig().realm)
     if not realm:
         raise ConfigError("server.realm", "must not be empty")
@@ -207,7 +214,21 @@ def _parse_server(raw: Any) -> ServerConfig:
     elif not isinstance(workers, int) or isinstance(workers, bool) or not 1 <= workers <= 256:
         raise ConfigError("server.workers", f'{workers!r}: must be 1-256 or "auto"')
     return ServerConfig(listen=listen, realm=realm, software=_text(s, "software", ""),
-                        workers=workers)
+                        workers=workers, tls_listen=tls_listen,
+                        proxy_protocol=_cidrs(s, "proxy_protocol"))
+
+
+def _endpoints(s: "_Section", k: str) -> tuple[Endpoint, ...]:
+    """A list of "host:port" (port 0: any free port, the same for UDP and TCP; tests)."""
+    items = s.get(k, list, [])
+    out = tuple(parse_endpoint(item, f"{s.key(k)}[{i}]", allow_port_zero=True)
+                for i, item in enumerate(items))
+    seen = set()
+    for i, ep in enumerate(out):
+        if ep in seen:
+            raise ConfigError(f"{s.key(k)}[{i}]", f'"{ep}": listed twice')
+        seen.add(ep)
+    return out
 
 
 def _int(section: _Section, k: str, default: int, low: int, high: int) -> int:
@@ -347,7 +368,8 @@ def _parse_limits(raw: Any) -> LimitsConfig:
         tcp_connections_per_ip=_int(s, "tcp_connections_per_ip", d.tcp_connections_per_ip, 1, 10**6),
         tcp_first_message_timeout=_int(s, "tcp_first_message_timeout",
                                        d.tcp_first_message_timeout, 1, 300),
-        tcp_idle_timeout=_int(s, "tcp_idle_timeout", d.tcp_idle_timeout, 10, 86400))
+        tcp_idle_timeout=_int(s, "tcp_idle_timeout", d.tcp_idle_timeout, 10, 86400),
+        tls_handshake_timeout=_int(s, "tls_handshake_timeout", d.tls_handshake_timeout, 1, 120))
     if limits.tcp_connections_per_ip > limits.tcp_connections:
         raise ConfigError("limits.tcp_connections_per_ip",
                           f"{limits.tcp_connections_per_ip}: must not exceed limits.tcp_connections "
@@ -355,7 +377,13 @@ def _parse_limits(raw: Any) -> LimitsConfig:
     return limits
 
 
-SECTIONS = {"server": _parse_server, "auth": _parse_auth, "relay": _parse_relay,
+def _parse_tls(raw: Any) -> TlsConfig:
+    s = _Section(raw, "tls")
+    s.check_unknown({"cert", "key"})
+    return TlsConfig(cert=s.get("cert", str, ""), key=s.get("key", str, ""))
+
+
+SECTIONS = {"server": _parse_server, "tls": _parse_tls, "auth": _parse_auth, "relay": _parse_relay,
             "peers": _parse_peers, "limits": _parse_limits}
 
 
@@ -364,6 +392,9 @@ def parse_config(data: dict[str, Any]) -> Config:
         if name not in SECTIONS:
             raise ConfigError(name, "unknown section")
     config = Config(**{name: parse(data[name]) for name, parse in SECTIONS.items() if name in data})
+    if config.server.tls_listen and not (config.tls.cert and config.tls.key):
+        raise ConfigError("tls.cert" if not config.tls.cert else "tls.key",
+                          "needed by server.tls_listen (PEM paths; turnd gen-cert makes a test pair)")
     listen_ips = {ep.host for ep in config.server.listen}
     for i, addr in enumerate(config.relay.addresses):
         if ipaddress.ip_address(addr).is_unspecified:

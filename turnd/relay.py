@@ -167,6 +167,72 @@ class UdpClient:
             return False
 
 
+STREAM_BUFFER = 64 * 1024  # bytes waiting for a TCP/TLS client; relayed datagrams past it drop
+STREAM_FRAMES = 64  # frames from one connection handled before other tasks run
+
+
+class StreamClient:
+    """A TCP or TLS client connection, as the relay sees it: what is relayed to it goes into
+    one bounded write buffer (``STREAM_BUFFER``), emptied by the connection's writer task; a
+    plain TCP connection with nothing waiting is written at once, without a wakeup.  A
+    client that can't keep up loses datagrams (counted), never stalls anyone else.  Replies
+    to its requests go the same way (in order), and are not dropped: its reader waits for
+    room before taking more requests (``room``)."""
+
+    __slots__ = ("sock", "buffer", "writing", "ready", "room", "alloc", "closed")
+
+    def __init__(self, sock: socket.socket | None):
+        self.sock = sock  # plain TCP: written directly when nothing waits; TLS: None
+        self.buffer = bytearray()
+        self.writing = False  # the writer task has bytes in flight
+        self.ready = trio.Event()  # set: the writer has something to do
+        self.room = trio.Event()   # set by the writer whenever it has written
+        self.alloc = None  # the allocation on this connection's 5-tuple, if any
+        self.closed = False
+
+    def send(self, data) -> bool:
+        """A relayed ChannelData frame (padded to 4 here: RFC 8656 §12.5) or Data
+        indication; False when it was dropped (the buffer is full, or the connection is
+        gone)."""
+        if self.closed or len(self.buffer) + len(data) > STREAM_BUFFER:
+            return False
+        self._write(data, -len(data) % 4)
+        return True
+
+    def reply(self, data: bytes) -> None:
+        """An answer to this client's request (never dropped while the connection lives)."""
+        if not self.closed:
+            self._write(data, 0)
+
+    def attach(self, alloc) -> "StreamClient":
+        """The core made ``alloc`` on this connection's 5-tuple: relay for it."""
+        self.alloc = alloc
+        return self
+
+    def _write(self, data, pad: int) -> None:
+        buf = self.buffer
+        if not buf and not self.writing and self.sock is not None:
+            try:
+                sent = self.sock.send(data) if not pad else self.sock.sendmsg((data, ZEROS[:pad]))
+            except BlockingIOError:
+                sent = 0
+            except OSError:  # reset: the reader finds out and closes the connection
+                self.closed = True
+                return
+            total = len(data) + pad
+            if sent == total:
+                return
+            if sent < len(data):
+                buf += memoryview(data)[sent:]
+                sent = len(data)
+            buf += ZEROS[:total - sent]
+        else:
+            buf += data
+            if pad:
+                buf += ZEROS[:pad]
+        self.ready.set()
+
+
 class Forwarder:
     """Routing shared by the loops and the slow path (see the module docstring)."""
 
@@ -227,6 +293,55 @@ class Forwarder:
             self.stats.to_client += 1
         else:
             self.stats.send_dropped += 1
+
+
+    def from_stream_untrusted(self, client: StreamClient, framer, now: float, slow_path) -> int:
+        """Frames a TCP/TLS client sent (``framer``, a StreamFramer fed by its reader):
+        ChannelData and Send indications of its allocation go to peers right here; anything
+        else is ``slow_path(frame)``'s.  Returns how many frames were handled, at most
+        STREAM_FRAMES (then the reader lets others run and calls again); raises only
+        StunDecodeError, when the stream is not STUN."""
+        stats = self.stats
+        handled = 0
+        try:
+            while handled < STREAM_FRAMES:
+                frame = framer.next_frame_untrusted()
+                if frame is None:
+                    break
+                handled += 1
+                alloc = client.alloc
+                first = frame[0]
+                if first >= 0x40:  # ChannelData (the framer took only the channel range)
+                    if alloc is None or alloc.expires < now:
+                        stats.dropped_no_allocation += 1
+                        continue
+                    ch = alloc.channels.get((first << 8) | frame[1])
+                    if ch is None or ch.expires < now:
+                        stats.dropped_no_channel += 1
+                        continue
+                    peer = ch.peer
+                    expiry = alloc.permissions.get(peer[0])
+                    if expiry is None or expiry < now:
+                        stats.dropped_no_permission += 1
+                        continue
+                    self.to_peer(ch.relay, peer, memoryview(frame)[4:], now)
+                    continue
+                if alloc is not None and first == 0:
+                    found = send_indication_untrusted(frame, len(frame))
+                    if found is not None:
+                        peer, begin, end = found
+                        relay = alloc.relays.get(6 if ":" in peer[0] else 4)
+                        expiry = alloc.permissions.get(peer[0])
+                        if relay is None or expiry is None or expiry < now or alloc.expires < now:
+                            stats.dropped_no_permission += 1
+                            continue
+                        self.to_peer(relay, peer, memoryview(frame)[begin:end], now)
+                        continue
+                stats.packets_slow_path += 1
+                slow_path(frame)
+        finally:
+            stats.packets_in += handled
+        return handled
 
 
 def peer_from_xor_untrusted(value, tid: bytes) -> tuple | None:

@@ -26,11 +26,10 @@ import trio
 
 from . import relay
 from .auth import AnyOf, RestSecrets, StaticUsers
-from .config import Config
+from .config import Config, ConfigError
 from .sockets import (StartupError, host_addresses, local_address, open_relay_socket,
                       open_socket)
-from .stun.errors import StunDecodeError
-from .stun.framing import StreamFramer
+from .streams import StreamServer
 from .turn.policy import PeerPolicy
 from .turn.registry import LiveRelays
 from .turn.protocol import (AllocationCreated, AllocationDeleted, BindFailed, FiveTuple,
@@ -40,10 +39,7 @@ from .turn.protocol import (AllocationCreated, AllocationDeleted, BindFailed, Fi
 log = logging.getLogger("turnd")
 
 SWEEP_INTERVAL = 1.0  # frees ports and sockets; the hot path checks expiry itself
-ACCEPT_BATCH = 64
 FILES_RESERVED = 128  # file descriptors kept for listen sockets, logs, the event loop
-# accept() errors that mean "out of resources for now": wait a little, don't spin.
-_ACCEPT_CAPACITY_ERRNOS = {errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM}
 # bind() errors that mean the port is someone else's: try another port, retry this later.
 _PORT_BUSY_ERRNOS = {errno.EADDRINUSE, errno.EACCES}
 
@@ -78,6 +74,7 @@ class Running:
     stats: relay.RelayStats
     tcp_stats: dict[str, int]
     shell: "Shell"
+    tls: list[tuple[str, int]] = attrs.Factory(list)
 
 
 class SocketBinder:
@@ -111,6 +108,7 @@ class WorkerSpec:
     udp: tuple[int, ...]   # file descriptors of its listen sockets (SO_REUSEPORT)
     tcp: tuple[int, ...]
     shared: int            # a memfd: the nonce secret, then the live-relay bitmap
+    tls: tuple[int, ...] = ()  # its tls_listen sockets
 
     def to_json(self) -> str:
         return json.dumps(attrs.asdict(self))
@@ -118,7 +116,8 @@ class WorkerSpec:
     @classmethod
     def from_json(cls, text: str) -> "WorkerSpec":
         d = json.loads(text)
-        return cls(d["index"], d["count"], tuple(d["udp"]), tuple(d["tcp"]), d["shared"])
+        return cls(d["index"], d["count"], tuple(d["udp"]), tuple(d["tcp"]), d["shared"],
+                   tuple(d.get("tls", ())))
 
 
 SECRET_SIZE = 32
@@ -167,6 +166,22 @@ def make_core(config: Config, listen: tuple = (), binder=None, *, port_range=Non
                       nonce_secret=nonce_secret or secrets.token_bytes(SECRET_SIZE), live=live)
 
 
+class UdpOrigin:
+    """Where a UDP request came from: replies go back there, and an allocation made there
+    is the engine's to relay for (``execute``)."""
+
+    __slots__ = ("shell", "sock", "addr")
+
+    def __init__(self, shell: "Shell", sock: socket.socket, addr: tuple):
+        self.shell, self.sock, self.addr = shell, sock, addr
+
+    def reply(self, data: bytes) -> None:
+        relay.send_or_drop(self.sock, data, self.addr, self.shell.stats)
+
+    def attach(self, alloc) -> relay.UdpClient:
+        return self.shell.engine.add_client(self.sock, self.addr, alloc)
+
+
 class Shell:
     def __init__(self, config: Config, listen: tuple, now_fn=None, **core_args):
         """``now_fn``: wall-clock seconds; by default trio's clock (so autojump_clock
@@ -181,11 +196,9 @@ class Shell:
         self.forwarder = relay.Forwarder(self.core, self.stats)
         self.engine = binder.engine = relay.RelayEngine(self.forwarder, self.now,
                                                         self.internal_error)
-        self.tcp_stats = {"connections": 0, "open": 0, "closed_not_stun": 0, "closed_idle": 0,
-                          "closed_reset": 0, "refused_per_ip": 0, "refused_total": 0,
-                          "accept_errors": 0}
-        self.tcp_per_ip: dict[str, int] = {}  # by client_key: IPv4 address, IPv6 /64
-        self.tcp_cap = tcp_cap(config)
+        self.streams = StreamServer(self)
+        self.streams.cap = tcp_cap(config)
+        self.tcp_stats = self.streams.stats
         self.internal_errors = 0
         if now_fn is None:
             self._wall_offset = time.time() - trio.current_time()
@@ -202,29 +215,29 @@ class Shell:
 
     # --- carrying out the core's actions ---------------------------------------------
 
-    def execute(self, actions: list, sock: socket.socket | None, addr) -> None:
+    def execute(self, actions: list, origin) -> None:
+        """Carry out the core's actions, for every transport.  ``origin``: where the
+        request came from (a ``UdpOrigin`` or a ``relay.StreamClient``): it takes the
+        replies, and the client of an allocation made there; None for the sweeper."""
         for action in actions:
             if isinstance(action, Reply):
-                relay.send_or_drop(sock, action.data, addr, self.stats)
+                origin.reply(action.data)
             elif isinstance(action, SendToPeer):
                 self.forwarder.to_peer(action.relay, action.peer, action.data, self.now())
             elif isinstance(action, AllocationCreated):
-                self._start_relaying(action.alloc, sock, addr)
+                action.alloc.client_handle = origin.attach(action.alloc)
+                for r in action.alloc.relays.values():
+                    self.engine.add_relay(r)
             elif isinstance(action, AllocationDeleted):
-                self._stop_relaying(action.alloc)
+                # The core has removed and closed the relay sockets already (binder.unbind).
+                client = action.alloc.client_handle
+                if isinstance(client, relay.UdpClient):
+                    self.engine.remove_client(client)
+                elif client is not None and client.alloc is action.alloc:
+                    client.alloc = None
             elif isinstance(action, Refused):
                 self.log_limited(f"refused {action.kind}", logging.WARNING, "refused with %d: %s",
                                  action.code, action.note)
-
-    def _start_relaying(self, alloc, sock, addr) -> None:
-        alloc.client_handle = self.engine.add_client(sock, addr, alloc)
-        for r in alloc.relays.values():
-            self.engine.add_relay(r)
-
-    def _stop_relaying(self, alloc) -> None:
-        # The core has removed and closed the relay sockets already (binder.unbind).
-        if alloc.client_handle is not None:
-            self.engine.remove_client(alloc.client_handle)
 
     # --- the slow path and the other tasks -----------------------------------------------
 
@@ -232,7 +245,7 @@ class Shell:
         ft = FiveTuple("udp", addr, server)
         try:
             actions = self.core.handle_untrusted(data, ft, self.now())
-            self.execute(actions, sock, addr)
+            self.execute(actions, UdpOrigin(self, sock, addr))
         except Exception:  # a bug, not bad input: never let it stop the other clients
             self.internal_error()
 
@@ -241,106 +254,13 @@ class Shell:
             await trio.sleep(SWEEP_INTERVAL)
             while True:
                 try:
-                    self.execute(self.core.expire(self.now()), None, None)
+                    self.execute(self.core.expire(self.now()), None)
                 except Exception:
                     self.internal_error()
                     break
                 if not self.core.sweep_pending:
                     break
                 await trio.lowlevel.checkpoint()  # bounded work, then let the relay run
-
-    # --- TCP -----------------------------------------------------------------------------
-
-    async def accept_loop(self, lsock: socket.socket, nursery: trio.Nursery) -> None:
-        """Accept connections on a listening TCP socket, within the connection caps."""
-        while True:
-            await trio.lowlevel.wait_readable(lsock)
-            for _ in range(ACCEPT_BATCH):
-                try:
-                    conn, addr = lsock.accept()
-                except BlockingIOError:
-                    break
-                except OSError as exc:
-                    if exc.errno in _ACCEPT_CAPACITY_ERRNOS:
-                        self.tcp_stats["accept_errors"] += 1
-                        self.log_limited("accept", logging.WARNING,
-                                         "cannot accept TCP connections: %s", exc.strerror)
-                        await trio.sleep(0.1)
-                        break
-                    continue  # ECONNABORTED and the like: that connection is gone already
-                self._admit(conn, addr, nursery)
-            else:
-                await trio.lowlevel.checkpoint()
-
-    def _admit(self, conn: socket.socket, addr, nursery: trio.Nursery) -> None:
-        limits = self.config.limits
-        key = client_key(addr[0])
-        refused = None
-        if self.tcp_stats["open"] >= self.tcp_cap:
-            refused = "refused_total", (f"{self.tcp_cap} are open (limits.tcp_connections, or "
-                                        "what the open-files limit leaves)")
-        elif self.tcp_per_ip.get(key, 0) >= limits.tcp_connections_per_ip:
-            refused = "refused_per_ip", (f"a client address has limits.tcp_connections_per_ip "
-                                         f"({limits.tcp_connections_per_ip}) open")
-        if refused is not None:
-            self.tcp_stats[refused[0]] += 1
-            self.log_limited(refused[0], logging.WARNING, "TCP connection refused: %s", refused[1])
-            conn.close()
-            return
-        self.tcp_stats["connections"] += 1
-        self.tcp_stats["open"] += 1
-        self.tcp_per_ip[key] = self.tcp_per_ip.get(key, 0) + 1
-        conn.setblocking(False)
-        nursery.start_soon(self.tcp_connection, conn, (addr[0], addr[1]), key)
-
-    async def tcp_connection(self, conn: socket.socket, client: tuple, key: str) -> None:
-        try:
-            await self._serve_stream(conn, client)
-        except (OSError, trio.BrokenResourceError, trio.ClosedResourceError):
-            self.tcp_stats["closed_reset"] += 1  # the client went away: nothing to report
-        except Exception:
-            self.internal_error()
-        finally:
-            conn.close()
-            self.tcp_stats["open"] -= 1
-            n = self.tcp_per_ip[key] - 1
-            if n:
-                self.tcp_per_ip[key] = n
-            else:
-                del self.tcp_per_ip[key]
-
-    async def _serve_stream(self, conn: socket.socket, client: tuple) -> None:
-        """One TCP connection: framed STUN in, replies out.  It must complete its first
-        message within ``tcp_first_message_timeout`` and then a message at least every
-        ``tcp_idle_timeout`` seconds (bytes alone don't count: no slowloris); replies are
-        written under the same deadline; at most one largest frame is buffered, and every
-        frame is followed by a checkpoint, so a client that sends thousands of tiny frames in
-        one write takes its turn like everyone else."""
-        limits = self.config.limits
-        stream = trio.SocketStream(trio.socket.from_stdlib_socket(conn))
-        ft = FiveTuple("tcp", client, local_address(conn))
-        framer = StreamFramer()
-        with trio.CancelScope(deadline=trio.current_time() + limits.tcp_first_message_timeout) as idle:
-            while True:
-                data = await stream.receive_some(framer.room)
-                if not data:
-                    return
-                try:
-                    framer.feed(data)
-                    del data  # the framer holds the bytes now: keep one copy, not two
-                    while (frame := framer.next_frame_untrusted()) is not None:
-                        idle.deadline = trio.current_time() + limits.tcp_idle_timeout
-                        for action in self.core.handle_untrusted(frame, ft, self.now()):
-                            if isinstance(action, Reply):
-                                await stream.send_all(action.data)
-                            else:
-                                self.execute([action], None, None)
-                        await trio.lowlevel.checkpoint()
-                except StunDecodeError:
-                    self.tcp_stats["closed_not_stun"] += 1
-                    return
-        if idle.cancelled_caught:
-            self.tcp_stats["closed_idle"] += 1
 
 
 def relay_sockets_needed(config: Config) -> int:
@@ -390,58 +310,105 @@ def open_group(host: str, port: int, count: int = 1) -> tuple[list, list]:
     raise AssertionError("unreachable")
 
 
+def open_stream_group(host: str, port: int, count: int = 1) -> list:
+    """``count`` TCP listen sockets of a tls_listen endpoint (SO_REUSEPORT when more than
+    one).  Port 0 (tests): the first picks a free port and the others take it."""
+    socks = [open_socket("tcp", host, port, count > 1)]
+    try:
+        chosen = port or local_address(socks[0])[1]
+        socks += [open_socket("tcp", host, chosen, True) for _ in range(count - 1)]
+    except BaseException:
+        for s in socks:
+            s.close()
+        raise
+    return socks
+
+
 async def serve(config: Config, *, worker: WorkerSpec | None = None,
                 task_status=trio.TASK_STATUS_IGNORED) -> None:
     """Serve until cancelled.  Started with ``nursery.start``, it returns a ``Running``.
     A worker serves the sockets its master opened, on its slice of the relay ports."""
     udp_socks: list[socket.socket] = []
     tcp_socks: list[socket.socket] = []
+    tls_socks: list[socket.socket] = []
     core_args: dict = {}
+    tls_context = load_tls(config)
     if worker is None:
         try:
             for ep in config.server.listen:
                 udps, tcps = open_group(ep.host, ep.port)
                 udp_socks += udps
                 tcp_socks += tcps
+            for ep in config.server.tls_listen:
+                tls_socks += open_stream_group(ep.host, ep.port)
         except BaseException:
-            for s in udp_socks + tcp_socks:
+            for s in udp_socks + tcp_socks + tls_socks:
                 s.close()
             raise
     else:
-        for fd in worker.udp + worker.tcp:
-            sock = socket.socket(fileno=fd)
-            sock.setblocking(False)
-            (udp_socks if sock.type == socket.SOCK_DGRAM else tcp_socks).append(sock)
+        for fds, socks in ((worker.udp, udp_socks), (worker.tcp, tcp_socks), (worker.tls, tls_socks)):
+            for fd in fds:
+                sock = socket.socket(fileno=fd)
+                sock.setblocking(False)
+                socks.append(sock)
         shared = mmap.mmap(worker.shared, shared_size(config))
         core_args = dict(port_range=worker_ports(config.relay.ports, worker.index, worker.count),
                          nonce_secret=bytes(shared[:SECRET_SIZE]),
                          live_buffer=memoryview(shared)[SECRET_SIZE:])
     udp_addrs = [local_address(s) for s in udp_socks]
     tcp_addrs = [local_address(s) for s in tcp_socks]
-    shell = Shell(config, tuple(udp_addrs + tcp_addrs), **core_args)
+    tls_addrs = [local_address(s) for s in tls_socks]
+    shell = Shell(config, tuple(udp_addrs + tcp_addrs + tls_addrs), **core_args)
+    shell.streams.tls_context = tls_context
     try:
         async with trio.open_nursery() as nursery:
             for sock, server in zip(udp_socks, udp_addrs):
                 shell.engine.add_listener(sock, functools.partial(shell.udp_slow_path, server),
                                           (shell.core.config.channel_max >> 8) + 1)
             nursery.start_soon(shell.engine.run)
-            for sock in tcp_socks:
-                nursery.start_soon(shell.accept_loop, sock, nursery)
+            for socks, tls in ((tcp_socks, False), (tls_socks, True)):
+                for sock in socks:
+                    nursery.start_soon(shell.streams.accept_loop, sock, tls, nursery)
             nursery.start_soon(shell.sweeper)
             running = Running(udp=udp_addrs, tcp=tcp_addrs, core=shell.core, stats=shell.stats,
-                              tcp_stats=shell.tcp_stats, shell=shell)
+                              tcp_stats=shell.tcp_stats, shell=shell, tls=tls_addrs)
             task_status.started(running)
     finally:
         shell.engine.close()
-        for s in udp_socks + tcp_socks:
+        for s in udp_socks + tcp_socks + tls_socks:
             s.close()
         for alloc in list(shell.core.allocations.values()):
             for r in alloc.relays.values():
                 r.handle.close()
 
 
-def log_listening(config: Config, udp: list, tcp: list) -> None:
-    for transport, addrs in (("udp", udp), ("tcp", tcp)):
+def load_tls(config: Config):
+    """The TLS server context, when [tls] has a certificate (else None)."""
+    if not config.tls.cert:
+        return None
+    from .tls import load_context
+    try:
+        return load_context(config.tls)
+    except ConfigError as exc:
+        raise StartupError(f"config error: {exc}") from None
+
+
+def reload_tls(running: "Running") -> None:
+    """SIGHUP: read [tls] cert and key again for new connections; the connections that are
+    open keep theirs.  A pair that does not load leaves the old one in use."""
+    config = running.shell.config
+    if not config.tls.cert:
+        return
+    try:
+        running.shell.streams.tls_context = load_tls(config)
+    except StartupError as exc:
+        log.error("TLS certificate not reloaded, the old one stays in use: %s", exc)
+        return
+    log.info("TLS certificate and key reloaded from %s and %s", config.tls.cert, config.tls.key)
+
+
+def log_listening(config: Config, udp: list, tcp: list, tls: list = ()) -> None:
+    for transport, addrs in (("udp", udp), ("tcp", tcp), ("tls", tls)):
         for host, port in addrs:
             log.info("listening on %s %s", transport,
                      f"[{host}]:{port}" if ":" in host else f"{host}:{port}")
@@ -459,7 +426,7 @@ def counters_line(running: Running) -> str:
 async def run(config: Config, worker: WorkerSpec | None = None) -> None:
     """Serve until SIGINT or SIGTERM, then stop cleanly."""
     files = raise_file_limit()
-    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM, signal.SIGHUP) as signals:
         async with trio.open_nursery() as nursery:
             running = await nursery.start(functools.partial(serve, config, worker=worker))
             relays = relay_sockets_needed(config)
@@ -467,13 +434,16 @@ async def run(config: Config, worker: WorkerSpec | None = None) -> None:
                 log.warning("only %d open files allowed (RLIMIT_NOFILE): fewer than the %d relay "
                             "ports need; allocations past that get 508. Raise LimitNOFILE or "
                             "ulimit -n.", files, relays)
-            if running.shell.tcp_cap < config.limits.tcp_connections:
+            if running.shell.streams.cap < config.limits.tcp_connections:
                 log.info("TCP connections capped at %d, below limits.tcp_connections (%d): "
                             "of the %d open files allowed, %d are kept for relay sockets",
-                            running.shell.tcp_cap, config.limits.tcp_connections, files, relays)
+                            running.shell.streams.cap, config.limits.tcp_connections, files, relays)
             if worker is None:  # (a master says it for its workers)
-                log_listening(config, running.udp, running.tcp)
+                log_listening(config, running.udp, running.tcp, running.tls)
             async for signum in signals:
+                if signum == signal.SIGHUP:
+                    reload_tls(running)
+                    continue
                 log.info("received %s, stopping", signal.Signals(signum).name)
                 break
             nursery.cancel_scope.cancel()

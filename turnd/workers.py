@@ -26,8 +26,8 @@ import sys
 import trio
 
 from .config import Config
-from .server import (SECRET_SIZE, WorkerSpec, log_listening, open_group, raise_file_limit,
-                     shared_size, worker_ports)
+from .server import (SECRET_SIZE, WorkerSpec, log_listening, open_group, open_stream_group,
+                     raise_file_limit, shared_size, worker_ports)
 from .sockets import StartupError, local_address
 
 log = logging.getLogger("turnd")
@@ -43,14 +43,17 @@ async def run_master(config: Config, config_path: str, log_level: str) -> None:
         raise StartupError(f"relay.ports has {high - low + 1} ports: too few for {count} workers")
     raise_file_limit()  # the workers inherit it
     groups = [open_group(ep.host, ep.port, count) for ep in config.server.listen]
+    tls_groups = [open_stream_group(ep.host, ep.port, count) for ep in config.server.tls_listen]
     shared_fd = os.memfd_create("turnd-shared", 0)
     os.ftruncate(shared_fd, shared_size(config))
     with mmap.mmap(shared_fd, shared_size(config)) as shared:
         shared[:SECRET_SIZE] = secrets.token_bytes(SECRET_SIZE)
     specs = [WorkerSpec(i, count, tuple(g[0][i].fileno() for g in groups),
-                        tuple(g[1][i].fileno() for g in groups), shared_fd) for i in range(count)]
+                        tuple(g[1][i].fileno() for g in groups), shared_fd,
+                        tuple(g[i].fileno() for g in tls_groups)) for i in range(count)]
     log_listening(config, [local_address(g[0][0]) for g in groups],
-                  [local_address(g[1][0]) for g in groups])
+                  [local_address(g[1][0]) for g in groups],
+                  [local_address(g[0]) for g in tls_groups])
     stopping = trio.Event()
     procs: dict[int, trio.Process] = {}
 
@@ -61,7 +64,7 @@ async def run_master(config: Config, config_path: str, log_level: str) -> None:
                    "--log-level", log_level, "--worker", spec.to_json()]
             started = trio.current_time()
             proc = await trio.lowlevel.open_process(
-                cmd, pass_fds=(*spec.udp, *spec.tcp, spec.shared))
+                cmd, pass_fds=(*spec.udp, *spec.tcp, *spec.tls, spec.shared))
             procs[spec.index] = proc
             log.info("worker %d started (pid %d), relay ports %d-%d", spec.index, proc.pid,
                      *worker_ports(config.relay.ports, spec.index, count))
@@ -77,11 +80,16 @@ async def run_master(config: Config, config_path: str, log_level: str) -> None:
                 2 * delay, RESTART_DELAY[1])
 
     try:
-        with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+        with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM, signal.SIGHUP) as signals:
             async with trio.open_nursery() as nursery:
                 for spec in specs:
                     nursery.start_soon(supervise, spec)
                 async for signum in signals:
+                    if signum == signal.SIGHUP:  # each worker reloads for itself
+                        for proc in procs.values():
+                            if proc.returncode is None:
+                                proc.send_signal(signal.SIGHUP)
+                        continue
                     log.info("received %s, stopping %d workers", signal.Signals(signum).name, count)
                     break
                 stopping.set()
@@ -99,6 +107,9 @@ async def run_master(config: Config, config_path: str, log_level: str) -> None:
     finally:
         for udps, tcps in groups:
             for s in udps + tcps:
+                s.close()
+        for socks in tls_groups:
+            for s in socks:
                 s.close()
         os.close(shared_fd)
     log.info("stopped")

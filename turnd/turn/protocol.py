@@ -143,7 +143,7 @@ class ProtocolConfig:
     total_quota: int = 0
     ip_quota: int = 0                     # allocations per client IPv4 address / IPv6 /64
     dont_fragment: bool = True            # the binder can honour DONT-FRAGMENT
-    turn_transports: frozenset = frozenset({"udp"})
+    turn_transports: frozenset = frozenset({"udp", "tcp", "tls"})
     unauth_rate: float = 200.0            # answers to unauthenticated requests per second per
                                           # source IP, bursts of twice that; 0: no limit
     channel_max: int = c.CHANNEL_MAX      # 0x4FFF (RFC 8656); 0x7FFF accepts RFC 5766 clients
@@ -278,6 +278,16 @@ class TurnServer:
             return actions + [Reply(self._error_bytes(
                 msg.method, msg.transaction_id, err, key=key, integrity=integrity,
                 fingerprint=msg.fingerprint_offset is not None))]
+
+    def connection_closed(self, ft: FiveTuple) -> list:
+        """A TCP or TLS connection closed.  An allocation's 5-tuple is its connection's (RFC
+        8656 §2.2): nothing can reach it any more, so the allocation goes now and its relay
+        ports return to the pool, not at the end of its lifetime."""
+        alloc = self.allocations.get(ft)
+        if alloc is None:
+            return []
+        self.count("allocations_closed")
+        return [self._delete(alloc)]
 
     def expire(self, now: float, budget: int = SWEEP_BUDGET) -> list:
         """Delete what has expired: allocations, permissions, channels, cool-downs and

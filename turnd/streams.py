@@ -1,0 +1,332 @@
+"""TCP and TLS clients: accepting connections within the caps, telling what each one
+speaks from its first bytes, and one reader and one writer task per connection.
+
+A connection is classified once (docs/design.md):
+
+1. From a ``[server] proxy_protocol`` source: a PROXY v1 or v2 header first (else closed,
+   counted ``closed_bad_proxy``); the client is who the header names.  From anyone else
+   a PROXY header is closed and counted (``closed_untrusted_proxy``): nobody but a trusted
+   proxy may choose the address turnd sees.
+2. On a ``tls_listen`` port, TLS; on a plain TCP port, a TLS ClientHello (first byte 0x16)
+   is served as TLS too when ``[tls]`` has a certificate (as coturn does: one port can
+   serve both), else closed and counted (``closed_tls_no_cert``).  The handshake must end
+   within ``limits.tls_handshake_timeout``.
+3. Then STUN and ChannelData frames (turnd/stun/framing.py), relayed by the engine's
+   stream path (``Forwarder.from_stream_untrusted``); the rest goes to the core.
+
+Deadlines: everything up to the first whole STUN message within
+``limits.tcp_first_message_timeout`` (a TLS handshake within its own), then a message at
+least every ``limits.tcp_idle_timeout`` (bytes alone don't count: no slowloris).  Memory:
+one largest frame (64 KiB) being read, ``relay.STREAM_BUFFER`` (64 KiB) being written, and
+the kernel's socket buffers.  When the connection ends, its allocation goes with it.
+"""
+
+from __future__ import annotations
+
+import errno
+import functools
+import ipaddress
+import logging
+import socket
+import ssl
+
+import trio
+
+from . import proxy, relay
+from .sockets import local_address
+from .stun.errors import StunDecodeError
+from .stun.framing import StreamFramer
+from .turn.protocol import FiveTuple, client_key
+
+log = logging.getLogger("turnd")
+
+ACCEPT_BATCH = 64
+# accept() errors that mean "out of resources for now": wait a little, don't spin.
+_ACCEPT_CAPACITY_ERRNOS = {errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM}
+TLS_RECORD = 0x16  # the first byte of a TLS handshake record (a ClientHello)
+FIRST_READ = 4096
+
+STREAM_STATS = ("connections", "open", "tls_connections", "closed_not_stun", "closed_idle",
+                "closed_reset", "refused_per_ip", "refused_total", "accept_errors",
+                "closed_tls_no_cert", "tls_handshake_failed", "closed_bad_proxy",
+                "closed_untrusted_proxy")
+
+
+class _Closed(Exception):
+    """This connection ends here; ``counter`` says why (a tcp_stats key), or None."""
+
+    def __init__(self, counter: str | None):
+        self.counter = counter
+
+
+def _leaf(group: BaseExceptionGroup) -> BaseException:
+    """The exception that ended a connection's reader or writer (not the other's
+    cancellation)."""
+    while True:
+        inner = [e for e in group.exceptions if not isinstance(e, trio.Cancelled)] or group.exceptions
+        first = inner[0]
+        if not isinstance(first, BaseExceptionGroup):
+            return first
+        group = first
+
+
+class _Prefixed(trio.abc.Stream):
+    """A stream whose first bytes were read already (to classify the connection): they
+    come out first, then the socket's.  What trio.SSLStream reads its handshake from."""
+
+    def __init__(self, inner: trio.SocketStream, first: bytes):
+        self.inner, self.first = inner, first
+
+    async def receive_some(self, max_bytes=None):
+        if self.first:
+            data, self.first = self.first, b""
+            return data
+        return await self.inner.receive_some(max_bytes)
+
+    async def send_all(self, data) -> None:
+        await self.inner.send_all(data)
+
+    async def wait_send_all_might_not_block(self) -> None:
+        await self.inner.wait_send_all_might_not_block()
+
+    async def send_eof(self) -> None:
+        await self.inner.send_eof()
+
+    async def aclose(self) -> None:
+        await self.inner.aclose()
+
+
+class StreamServer:
+    """The TCP/TLS side of one ``Shell``: accept loops and connections."""
+
+    def __init__(self, shell):
+        self.shell = shell
+        self.config = shell.config
+        self.core = shell.core
+        self.stats = dict.fromkeys(STREAM_STATS, 0)
+        self.per_ip: dict[str, int] = {}  # open connections by client_key (IPv6: /64)
+        self.cap = 0  # set by the shell: limits.tcp_connections or what open files allow
+        self.tls_context: ssl.SSLContext | None = None
+        self.trusted = tuple(ipaddress.ip_network(n) for n in self.config.server.proxy_protocol)
+        self.channel_end = (self.core.config.channel_max >> 8) + 1
+        self.connections: set[relay.StreamClient] = set()
+
+    def is_trusted_proxy(self, ip: str) -> bool:
+        if not self.trusted:
+            return False
+        addr = ipaddress.ip_address(ip)
+        return any(addr in net for net in self.trusted)
+
+    # --- accepting -----------------------------------------------------------------------
+
+    async def accept_loop(self, lsock: socket.socket, tls: bool, nursery: trio.Nursery) -> None:
+        """Accept connections on a listening socket (``tls``: a tls_listen port)."""
+        while True:
+            await trio.lowlevel.wait_readable(lsock)
+            for _ in range(ACCEPT_BATCH):
+                try:
+                    conn, addr = lsock.accept()
+                except BlockingIOError:
+                    break
+                except OSError as exc:
+                    if exc.errno in _ACCEPT_CAPACITY_ERRNOS:
+                        self.stats["accept_errors"] += 1
+                        self.shell.log_limited("accept", logging.WARNING,
+                                               "cannot accept TCP connections: %s", exc.strerror)
+                        await trio.sleep(0.1)
+                        break
+                    continue  # ECONNABORTED and the like: that connection is gone already
+                self._admit(conn, (addr[0], addr[1]), tls, nursery)
+            else:
+                await trio.lowlevel.checkpoint()
+
+    def _refuse(self, counter: str, why: str) -> None:
+        self.stats[counter] += 1
+        self.shell.log_limited(counter, logging.WARNING, "TCP connection refused: %s", why)
+
+    def _admit(self, conn: socket.socket, addr: tuple, tls: bool, nursery: trio.Nursery) -> None:
+        if self.stats["open"] >= self.cap:
+            self._refuse("refused_total", f"{self.cap} are open (limits.tcp_connections, or "
+                         "what the open-files limit leaves)")
+            conn.close()
+            return
+        proxied = self.is_trusted_proxy(addr[0])
+        key = None
+        if not proxied:  # a proxy's clients are counted by the address its header gives
+            key = self._claim(addr[0])
+            if key is None:
+                conn.close()
+                return
+        self.stats["connections"] += 1
+        self.stats["open"] += 1
+        conn.setblocking(False)
+        nursery.start_soon(self.connection, conn, addr, tls, proxied, key)
+
+    def _claim(self, ip: str) -> str | None:
+        """Count one more connection of ``ip``'s client key; None when it has its cap."""
+        key = client_key(ip)
+        cap = self.config.limits.tcp_connections_per_ip
+        if self.per_ip.get(key, 0) >= cap:
+            self._refuse("refused_per_ip", f"a client address has limits.tcp_connections_per_ip "
+                         f"({cap}) open")
+            return None
+        self.per_ip[key] = self.per_ip.get(key, 0) + 1
+        return key
+
+    def _release(self, key: str) -> None:
+        n = self.per_ip[key] - 1
+        if n:
+            self.per_ip[key] = n
+        else:
+            del self.per_ip[key]
+
+    # --- one connection ------------------------------------------------------------------
+
+    async def connection(self, conn: socket.socket, addr: tuple, tls: bool, proxied: bool,
+                         key: str | None) -> None:
+        claimed = [key] if key else []
+        try:
+            await self._serve(conn, addr, tls, proxied, claimed)
+        except _Closed as closed:
+            if closed.counter:
+                self.stats[closed.counter] += 1
+        except (OSError, trio.BrokenResourceError, trio.ClosedResourceError):
+            self.stats["closed_reset"] += 1  # the client went away: nothing to report
+        except Exception:
+            self.shell.internal_error()
+        finally:
+            conn.close()
+            self.stats["open"] -= 1
+            for k in claimed:
+                self._release(k)
+
+    async def _serve(self, conn: socket.socket, addr: tuple, tls: bool, proxied: bool,
+                     claimed: list) -> None:
+        limits = self.config.limits
+        raw = trio.SocketStream(trio.socket.from_stdlib_socket(conn))
+        client = addr
+        with trio.move_on_after(limits.tcp_first_message_timeout) as first_scope:
+            first = b""
+            if proxied:
+                client, first = await self._proxy_header(raw, addr)
+                if client != addr:  # the proxy's client: counted as any other client
+                    key = self._claim(client[0])
+                    if key is None:
+                        raise _Closed(None)
+                    claimed.append(key)
+            if not first:
+                first = await raw.receive_some(FIRST_READ)
+                if not first:
+                    raise _Closed(None)
+            if not proxied and (first[:6] == proxy.V1_PREFIX or first[:12] == proxy.V2_SIGNATURE):
+                self.shell.log_limited("untrusted proxy", logging.WARNING,
+                                       "PROXY header from %s, not in server.proxy_protocol: "
+                                       "connection closed", "an untrusted source")
+                raise _Closed("closed_untrusted_proxy")
+            stream: trio.abc.Stream = raw
+            if tls or first[0] == TLS_RECORD:
+                if self.tls_context is None:
+                    raise _Closed("closed_tls_no_cert" if first[0] == TLS_RECORD else "closed_not_stun")
+                stream = trio.SSLStream(_Prefixed(raw, first), self.tls_context, server_side=True,
+                                        https_compatible=True)
+                first = b""
+                try:
+                    with trio.fail_after(limits.tls_handshake_timeout):
+                        await stream.do_handshake()
+                except (trio.BrokenResourceError, trio.TooSlowError):
+                    raise _Closed("tls_handshake_failed") from None
+                self.stats["tls_connections"] += 1
+                tls = True
+        if first_scope.cancelled_caught:
+            raise _Closed("closed_idle")
+        ft = FiveTuple("tls" if tls else "tcp", client, local_address(conn))
+        framer = StreamFramer(self.channel_end)
+        try:
+            framer.feed(first)
+        except StunDecodeError:
+            raise _Closed("closed_not_stun") from None
+        del first  # the framer holds the bytes now: keep one copy, not two
+        sc = relay.StreamClient(None if tls else conn)
+        self.connections.add(sc)
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._writer, sc, stream)
+                await self._reader(sc, stream, ft, framer, first_scope.deadline)
+                nursery.cancel_scope.cancel()
+        except BaseExceptionGroup as group:  # the reader's or the writer's, as it was
+            raise _leaf(group) from None
+        finally:
+            sc.closed = True
+            self.connections.discard(sc)
+            self.shell.execute(self.core.connection_closed(ft), None)
+
+    async def _proxy_header(self, raw: trio.SocketStream, addr: tuple) -> tuple[tuple, bytes]:
+        """The client a trusted proxy speaks for, and the bytes after its header."""
+        buf = b""
+        while True:
+            data = await raw.receive_some(proxy.MAX_HEADER - len(buf))
+            if not data:
+                raise _Closed(None)
+            buf += data
+            try:
+                parsed = proxy.parse_untrusted(buf)
+            except proxy.ProxyHeaderError as exc:
+                self.shell.log_limited("bad proxy", logging.WARNING,
+                                       "bad PROXY header from trusted proxy %s (%s): connection "
+                                       "closed", addr[0], exc)
+                raise _Closed("closed_bad_proxy") from None
+            if parsed is not None:
+                found, used = parsed
+                return found or addr, buf[used:]
+            if len(buf) >= proxy.MAX_HEADER:
+                raise _Closed("closed_bad_proxy")
+
+    async def _reader(self, sc: relay.StreamClient, stream, ft: FiveTuple,
+                      framer: StreamFramer, deadline: float) -> None:
+        limits = self.config.limits
+        shell = self.shell
+        slow = functools.partial(self._slow_path, ft, sc)
+        forward = shell.forwarder.from_stream_untrusted
+        with trio.CancelScope(deadline=deadline) as idle:
+            while True:
+                try:
+                    while True:
+                        handled = forward(sc, framer, shell.now(), slow)
+                        if not handled:
+                            break
+                        idle.deadline = trio.current_time() + limits.tcp_idle_timeout
+                        await trio.lowlevel.checkpoint()  # a burst of tiny frames takes turns
+                except StunDecodeError:
+                    raise _Closed("closed_not_stun") from None
+                while len(sc.buffer) >= relay.STREAM_BUFFER and not sc.closed:
+                    sc.room = trio.Event()  # replies wait for the client to read: no more
+                    await sc.room.wait()    # requests are taken meanwhile
+                if sc.closed:
+                    raise _Closed("closed_reset")
+                data = await stream.receive_some(framer.room)
+                if not data:
+                    return
+                try:
+                    framer.feed(data)
+                except StunDecodeError:
+                    raise _Closed("closed_not_stun") from None
+                del data  # the framer holds the bytes now: keep one copy, not two
+        if idle.cancelled_caught:
+            raise _Closed("closed_idle")
+
+    def _slow_path(self, ft: FiveTuple, sc: relay.StreamClient, frame: bytes) -> None:
+        # An exception here (a bug) closes this connection (see ``connection``).
+        self.shell.execute(self.core.handle_untrusted(frame, ft, self.shell.now()), sc)
+
+    async def _writer(self, sc: relay.StreamClient, stream) -> None:
+        """Empty the connection's write buffer whenever something is in it."""
+        while True:
+            await sc.ready.wait()
+            sc.ready = trio.Event()
+            while sc.buffer:
+                data = bytes(sc.buffer)
+                sc.buffer.clear()
+                sc.writing = True
+                await stream.send_all(data)
+                sc.writing = False
+                sc.room.set()
