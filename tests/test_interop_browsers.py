@@ -8,8 +8,10 @@ import urllib.parse
 import pytest
 import trio
 
-from turnd.config import AuthConfig, Config, Endpoint, PeersConfig, RelayConfig, ServerConfig
+from turnd.config import (AuthConfig, Config, Endpoint, PeersConfig, RelayConfig, ServerConfig,
+                          TlsConfig)
 from turnd.server import serve
+from turnd.tls import generate, spki_sha256
 
 from .browsers import Child, chromium_command, firefox_command
 from .interop import need
@@ -20,8 +22,14 @@ pytestmark = pytest.mark.interop
 PAGE = os.path.join(os.path.dirname(__file__), "webrtc_page.html")
 
 
-async def relay_only_call(nursery, command, config: Config, timeout: float = 60):
-    """Serve turnd and the page, run the browser on it; the page's report."""
+def udp_url(running) -> str:
+    return f"turn:127.0.0.1:{running.udp[0][1]}?transport=udp"
+
+
+async def relay_only_call(nursery, command, config: Config, timeout: float = 60, url=udp_url,
+                          flags=()):
+    """Serve turnd and the page, run the browser on it (``url(running)``: the TURN URL it
+    is given); the page's report."""
     running = await nursery.start(serve, config)
     logs: list = []
     send, receive = trio.open_memory_channel(10)
@@ -33,10 +41,11 @@ async def relay_only_call(nursery, command, config: Config, timeout: float = 60)
             logs.append(" ".join(query))
 
     http_port = await nursery.start(serve_page, open(PAGE, "rb").read(), on_request)
-    query = urllib.parse.urlencode({"turn": f"turn:127.0.0.1:{running.udp[0][1]}?transport=udp",
+    query = urllib.parse.urlencode({"turn": url(running),
                                     "user": "cowork", "pass": "calls-pass"})
     with tempfile.TemporaryDirectory() as profile:
         cmd, env = command(f"http://127.0.0.1:{http_port}/?{query}", profile)
+        cmd[1:1] = flags
         child = await Child("browser", cmd, env).start()
         try:
             with trio.fail_after(timeout):
@@ -51,10 +60,12 @@ def candidate_types(result) -> set:
     return {t for t in result["types"][0].split(",") if t}
 
 
-def call_config(default_family: str = "ipv4") -> Config:
+def call_config(default_family: str = "ipv4", tls=None) -> Config:
     # Default peer policy: loopback is NOT allowed; the call works because both peers are
     # turnd's own relay addresses (relay to relay, delivered inside turnd).
-    return Config(server=ServerConfig(listen=(Endpoint("127.0.0.1", 0),), realm="turnd.test"),
+    return Config(server=ServerConfig(listen=(Endpoint("127.0.0.1", 0),), realm="turnd.test",
+                                      tls_listen=(Endpoint("127.0.0.1", 0),) if tls else ()),
+                  tls=TlsConfig(*tls) if tls else TlsConfig(),
                   auth=AuthConfig(users=(("cowork", "calls-pass"),)),
                   relay=RelayConfig(ports=(43000, 43999), default_family=default_family),
                   peers=PeersConfig())
@@ -69,6 +80,32 @@ async def test_chromium_relay_only_call(nursery, default_family):
     assert candidate_types(result) == {"relay"}
     assert running.core.stats["allocations_created"] >= 2
     assert running.stats.internal > 0  # relay to relay, delivered inside turnd
+
+
+@pytest.mark.parametrize("transport", ["tcp", "tls"])
+async def test_chromium_relay_only_call_over_tcp_and_tls(nursery, tmp_path, transport):
+    """Where UDP is blocked: turn:...?transport=tcp, and turns: with the test certificate
+    trusted by its SPKI hash, with the default peer policy."""
+    need("chromium")
+    tls = generate("localhost", str(tmp_path / "tls")) if transport == "tls" else None
+    if tls:
+        url = lambda r: f"turns:localhost:{r.tls[0][1]}?transport=tcp"  # noqa: E731
+        flags = [f"--ignore-certificate-errors-spki-list={spki_sha256(tls[0])}"]
+    else:
+        url = lambda r: f"turn:127.0.0.1:{r.tcp[0][1]}?transport=tcp"  # noqa: E731
+        flags = []
+    running, result, logs = await relay_only_call(nursery, chromium_command, call_config(tls=tls),
+                                                  url=url, flags=flags)
+    assert result.get("ok") == ["1"], (result, logs)
+    assert result["msg"] == ["hello through turnd"]
+    assert candidate_types(result) == {"relay"}
+    assert running.tcp_stats["connections"] >= 2
+    assert running.tcp_stats["tls_connections"] >= (2 if tls else 0)
+    assert running.core.stats["allocations_created"] >= 2
+    with trio.fail_after(5):  # the browser is gone: its connections, so its allocations end
+        while running.core.stats.get("allocations_closed", 0) < 2:
+            await trio.sleep(0.05)
+    assert running.stats.internal > 0
 
 
 async def test_firefox_relay_only_call_with_send_and_data_indications(nursery):
