@@ -316,9 +316,9 @@ async def test_a_client_that_does_not_read_loses_datagrams_not_memory_and_nobody
 
 
 async def test_a_flood_of_connections_is_capped_and_udp_calls_go_on(nursery, cert):
-    limits = LimitsConfig(tcp_connections=60, tcp_connections_per_ip=40, tcp_first_message_timeout=2)
+    limits = LimitsConfig(tcp_connections=60, tcp_connections_per_ip=40, tcp_first_message_timeout=5)
     running = await nursery.start(serve, tls_config(cert, limits=limits))
-    with trio.fail_after(20):
+    with trio.fail_after(30):
         peer = await udp_client("127.0.0.1")
         held = []
         for i in range(200):
@@ -446,7 +446,7 @@ async def test_sighup_reloads_the_certificate_for_new_connections_and_keeps_sess
             # a broken pair is refused with one line, and the current one stays
             (live / "turnd.key").write_text("garbage\n")
             proc.send_signal(signal.SIGHUP)
-            while b"not reloaded" not in log:
+            while b"reload refused" not in log:
                 log += await proc.stderr.receive_some(4096)
             again = await StreamTurn.connect(("127.0.0.1", tls_port), tls_ca=second[0])
             assert (await again.call(c.BINDING)).cls == c.SUCCESS

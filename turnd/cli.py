@@ -39,25 +39,27 @@ def main() -> None:
 @main.command()
 @click.option("--config", "config_path", default="/etc/turnd/turnd.toml", show_default=True,
               type=click.Path(dir_okay=False), help="The TOML configuration file.")
-@click.option("--log-level", default="info", show_default=True,
+@click.option("--log-level", default=None, help="Overrides [log] level.",
               type=click.Choice(["debug", "info", "warning", "error"]))
 @click.option("--worker", "worker_spec", default=None, hidden=True,
               help="(internal) serve as a worker of a master process")
-def serve(config_path: str, log_level: str, worker_spec: str | None) -> None:
-    """Serve STUN and TURN until SIGINT or SIGTERM."""
+def serve(config_path: str, log_level: str | None, worker_spec: str | None) -> None:
+    """Serve STUN and TURN until SIGINT or SIGTERM; SIGHUP reloads, SIGUSR1 drains."""
     config = _load_or_exit(config_path)
+    from .logs import setup_logging
+    from .notify import Notifier
     from .server import WorkerSpec, run
     worker = WorkerSpec.from_json(worker_spec) if worker_spec else None
-    who = f"turnd[{worker.index}]" if worker else "turnd"
-    logging.basicConfig(level=log_level.upper(), stream=sys.stderr,
-                        format=f"%(asctime)s {who} %(levelname)s %(message)s")
+    log_level = log_level or config.log.level
+    setup_logging(log_level, config.log.format, f"turnd[{worker.index}]" if worker else "turnd")
+    notifier = Notifier()
     failed = None
     try:
         if worker is None and config.server.workers > 1:
             from .workers import run_master
-            trio.run(run_master, config, config_path, log_level)
+            trio.run(run_master, config, config_path, log_level, notifier)
         else:
-            trio.run(run, config, worker)
+            trio.run(run, config, worker, config_path, notifier)
     except* StartupError as group:
         failed = group.exceptions[0]
     if failed is not None:

@@ -44,6 +44,7 @@ class ServerConfig:
     workers: int = 1  # processes sharing the listen ports ("auto": one per CPU)
     tls_listen: tuple[Endpoint, ...] = ()  # TURN over TLS ("turns:"), usually 5349 or 443
     proxy_protocol: tuple[str, ...] = ()   # CIDRs of trusted proxies that send a PROXY header
+    alternate: Endpoint | None = None      # while draining: 300 Try Alternate to this server
 
 
 @attrs.frozen
@@ -58,6 +59,7 @@ class AuthConfig:
     users: tuple[tuple[str, str | tuple[str, ...]], ...] = ()
     secrets: tuple[str, ...] = ()             # TURN REST API shared secrets
     nonce_lifetime: int = 600
+    users_file: str = ""                      # more users, "user = key" lines (turnd user add)
 
 
 @attrs.frozen
@@ -93,6 +95,17 @@ class LimitsConfig:
 
 
 @attrs.frozen
+class LogConfig:
+    level: str = "info"     # debug, info, warning, error
+    format: str = "text"    # "text" or "json" (one object per line)
+
+
+@attrs.frozen
+class MetricsConfig:
+    listen: Endpoint | None = None  # Prometheus /metrics; None: off
+
+
+@attrs.frozen
 class Config:
     server: ServerConfig = ServerConfig()
     tls: TlsConfig = TlsConfig()
@@ -100,6 +113,8 @@ class Config:
     relay: RelayConfig = RelayConfig()
     peers: PeersConfig = PeersConfig()
     limits: LimitsConfig = LimitsConfig()
+    log: LogConfig = LogConfig()
+    metrics: MetricsConfig = MetricsConfig()
 
     def relay_addresses(self) -> tuple[str, ...]:
         """The relay IP per family: [relay] addresses, else the first listen IP of each family."""
@@ -194,7 +209,8 @@ def _text(section: _Section, k: str, default: str, *, max_chars: int = 127) -> s
 
 def _parse_server(raw: Any) -> ServerConfig:
     s = _Section(raw, "server")
-    s.check_unknown({"listen", "realm", "software", "workers", "tls_listen", "proxy_protocol"})
+    s.check_unknown({"listen", "realm", "software", "workers", "tls_listen", "proxy_protocol",
+                     "alternate"})
     listen = ServerConfig().listen
     if "listen" in s.data:
         listen = _endpoints(s, "listen")
@@ -215,7 +231,14 @@ def _parse_server(raw: Any) -> ServerConfig:
         raise ConfigError("server.workers", f'{workers!r}: must be 1-256 or "auto"')
     return ServerConfig(listen=listen, realm=realm, software=_text(s, "software", ""),
                         workers=workers, tls_listen=tls_listen,
-                        proxy_protocol=_cidrs(s, "proxy_protocol"))
+                        proxy_protocol=_cidrs(s, "proxy_protocol"),
+                        alternate=_optional_endpoint(s, "alternate"))
+
+
+def _optional_endpoint(s: "_Section", k: str) -> Endpoint | None:
+    """One "host:port", or "" (the default) for none."""
+    text = s.get(k, str, "")
+    return parse_endpoint(text, s.key(k)) if text else None
 
 
 def _endpoints(s: "_Section", k: str) -> tuple[Endpoint, ...]:
@@ -283,7 +306,7 @@ def _user_secret(secret: Any, key: str) -> str | tuple[str, ...]:
 
 def _parse_auth(raw: Any) -> AuthConfig:
     s = _Section(raw, "auth")
-    s.check_unknown({"users", "secrets", "nonce_lifetime"})
+    s.check_unknown({"users", "secrets", "nonce_lifetime", "users_file"})
     users = s.get("users", dict, {})
     parsed = []
     for user, secret in users.items():
@@ -299,7 +322,45 @@ def _parse_auth(raw: Any) -> AuthConfig:
         if not secret:
             raise ConfigError(f"auth.secrets[{i}]", "must not be empty")
     return AuthConfig(users=tuple(parsed), secrets=tuple(secrets),
-                      nonce_lifetime=_int(s, "nonce_lifetime", 600, 30, 86400))
+                      nonce_lifetime=_int(s, "nonce_lifetime", 600, 30, 86400),
+                      users_file=s.get("users_file", str, ""))
+
+
+def read_users_file(path: str) -> tuple[tuple[str, tuple[str, ...]], ...]:
+    """``[auth] users_file``: TOML lines ``user = "0x<key>"`` or ``user = ["0x<MD5>",
+    "0x<SHA-256>"]`` (what ``turnd user add`` writes): keys only, never passwords."""
+    try:
+        with open(path, "rb") as f:
+            data = tomllib.load(f)
+    except OSError as exc:
+        raise ConfigError("auth.users_file", f"{path}: {exc.strerror or exc}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError("auth.users_file", f"{path}: not valid TOML: {exc}") from None
+    out = []
+    for user, secret in data.items():
+        key = f"auth.users_file: {path}: {_key_part(user)}"
+        if isinstance(secret, str) and not secret.startswith("0x"):
+            raise ConfigError(key, "holds keys only (\"0x...\"), never a password: use turnd user add")
+        out.append((user, _user_secret(secret, key)))
+    return tuple(out)
+
+
+def _parse_log(raw: Any) -> LogConfig:
+    s = _Section(raw, "log")
+    s.check_unknown({"level", "format"})
+    level = s.get("level", str, "info")
+    if level not in ("debug", "info", "warning", "error"):
+        raise ConfigError("log.level", f'"{level}": must be "debug", "info", "warning" or "error"')
+    fmt = s.get("format", str, "text")
+    if fmt not in ("text", "json"):
+        raise ConfigError("log.format", f'"{fmt}": must be "text" or "json"')
+    return LogConfig(level=level, format=fmt)
+
+
+def _parse_metrics(raw: Any) -> MetricsConfig:
+    s = _Section(raw, "metrics")
+    s.check_unknown({"listen"})
+    return MetricsConfig(listen=_optional_endpoint(s, "listen"))
 
 
 def _parse_relay(raw: Any) -> RelayConfig:
@@ -384,7 +445,8 @@ def _parse_tls(raw: Any) -> TlsConfig:
 
 
 SECTIONS = {"server": _parse_server, "tls": _parse_tls, "auth": _parse_auth, "relay": _parse_relay,
-            "peers": _parse_peers, "limits": _parse_limits}
+            "peers": _parse_peers, "limits": _parse_limits, "log": _parse_log,
+            "metrics": _parse_metrics}
 
 
 def parse_config(data: dict[str, Any]) -> Config:
@@ -417,4 +479,17 @@ def load_config(path: str) -> Config:
         raise ConfigError(path, exc.strerror or str(exc)) from None
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(path, f"not valid TOML: {exc}") from None
-    return parse_config(data)
+    config = parse_config(data)
+    if config.auth.users_file:
+        users_file = os.path.join(os.path.dirname(os.path.abspath(path)), config.auth.users_file)
+        more = read_users_file(users_file)
+        known = {u for u, _ in config.auth.users}
+        for user, _ in more:
+            if user in known:
+                raise ConfigError("auth.users_file", f"{users_file}: {user!r} is in auth.users too")
+        users = config.auth.users + more
+        if not offered_algorithms(dict(users)):
+            raise ConfigError("auth.users_file", "no password algorithm is shared by every user")
+        config = attrs.evolve(config, auth=attrs.evolve(config.auth, users=users,
+                                                        users_file=users_file))
+    return config

@@ -135,10 +135,9 @@ def worker_ports(ports: tuple[int, int], index: int, count: int) -> tuple[int, i
     return first, high if index == count - 1 else first + per - 1
 
 
-def make_core(config: Config, listen: tuple = (), binder=None, *, port_range=None,
-              nonce_secret: bytes | None = None, live_buffer=None) -> TurnServer:
-    """The sans-I/O core for ``config``; ``listen``: the bound (ip, port) endpoints; a
-    worker passes its slice of the port range, the shared secret and the shared bitmap."""
+def core_settings(config: Config, listen: tuple = (), port_range=None) -> tuple:
+    """(ProtocolConfig, credentials, PeerPolicy) for ``config``: what ``make_core`` builds
+    the core from and what a reload hands it (``TurnServer.reconfigure``)."""
     backends = []
     if config.auth.users:
         backends.append(StaticUsers(dict(config.auth.users), config.server.realm))
@@ -158,12 +157,27 @@ def make_core(config: Config, listen: tuple = (), binder=None, *, port_range=Non
         permissions_per_allocation=limits.permissions_per_allocation,
         channels_per_allocation=limits.channels_per_allocation,
         unauth_rate=limits.unauthenticated_rate, host_addresses=host_addresses())
+    return pconfig, credentials, PeerPolicy(config.peers.allow, config.peers.deny)
+
+
+def make_core(config: Config, listen: tuple = (), binder=None, *, port_range=None,
+              nonce_secret: bytes | None = None, live_buffer=None) -> TurnServer:
+    """The sans-I/O core for ``config``; ``listen``: the bound (ip, port) endpoints; a
+    worker passes its slice of the port range, the shared secret and the shared bitmap."""
+    pconfig, credentials, policy = core_settings(config, listen, port_range)
     live = LiveRelays(pconfig.relay_addresses, dict(pconfig.external), live_buffer)
     if live_buffer is not None:  # a (re)started worker: its slice holds no live relay yet
         live.clear(*pconfig.port_range)
-    return TurnServer(pconfig, credentials=credentials,
-                      policy=PeerPolicy(config.peers.allow, config.peers.deny), binder=binder,
+    core = TurnServer(pconfig, credentials=credentials, policy=policy, binder=binder,
                       nonce_secret=nonce_secret or secrets.token_bytes(SECRET_SIZE), live=live)
+    return core
+
+
+def draining_answer(config: Config) -> tuple:
+    """What a draining core answers new Allocates with: ALTERNATE-SERVER's (ip, port) for a
+    300, or () for a 403."""
+    alt = config.server.alternate
+    return (alt.host, alt.port) if alt else ()
 
 
 class UdpOrigin:
@@ -205,6 +219,11 @@ class Shell:
 
     def now(self) -> float:
         return trio.current_time() + self._wall_offset
+
+    def reconfigure(self, config: Config) -> None:
+        """A reload: the limits and proxies of TCP/TLS connections from now on."""
+        self.config = config
+        self.streams.reconfigure(config)
 
     def internal_error(self) -> None:
         """Call inside ``except``: a bug hit one packet or connection; count and log it."""
@@ -393,18 +412,73 @@ def load_tls(config: Config):
         raise StartupError(f"config error: {exc}") from None
 
 
-def reload_tls(running: "Running") -> None:
-    """SIGHUP: read [tls] cert and key again for new connections; the connections that are
-    open keep theirs.  A pair that does not load leaves the old one in use."""
-    config = running.shell.config
-    if not config.tls.cert:
-        return
+# Keys a reload can't change (they shape sockets, processes and keys): named in the log line.
+RESTART_KEYS = {
+    "server.listen": lambda c: c.server.listen,
+    "server.tls_listen": lambda c: c.server.tls_listen,
+    "server.workers": lambda c: c.server.workers,
+    "server.realm": lambda c: c.server.realm,
+    "relay.ports": lambda c: c.relay.ports,
+    "relay.addresses": lambda c: c.relay.addresses,
+    "relay.external": lambda c: c.relay.external,
+    "relay.legacy_channel_numbers": lambda c: c.relay.legacy_channel_numbers,
+    "metrics.listen": lambda c: c.metrics.listen,
+}
+
+
+def reload_config(running: "Running", path: str) -> bool:
+    """SIGHUP: read ``path`` again.  Users, users file, secrets, peer policy, limits, the TLS
+    certificate and key, the log level and the drain alternate apply to what comes next;
+    live allocations go on.  A file that does not validate (or a certificate that does not
+    load) is refused with one line and the running configuration stays."""
+    from .config import load_config
+    shell = running.shell
+    old = shell.config
     try:
-        running.shell.streams.tls_context = load_tls(config)
+        new = load_config(path)
+        tls_context = load_tls(new)
+    except ConfigError as exc:
+        log.error("reload refused, the running configuration stays: config error: %s", exc)
+        return False
     except StartupError as exc:
-        log.error("TLS certificate not reloaded, the old one stays in use: %s", exc)
-        return
-    log.info("TLS certificate and key reloaded from %s and %s", config.tls.cert, config.tls.key)
+        log.error("reload refused, the running configuration stays: %s", exc)
+        return False
+    changed = [key for key, get in RESTART_KEYS.items() if get(old) != get(new)]
+    new = attrs.evolve(new, server=attrs.evolve(new.server, listen=old.server.listen,
+                                                 tls_listen=old.server.tls_listen,
+                                                 workers=old.server.workers, realm=old.server.realm),
+                       relay=old.relay, metrics=old.metrics)
+    core = shell.core
+    pconfig, credentials, policy = core_settings(new, core.config.listen, core.config.port_range)
+    core.reconfigure(pconfig, credentials, policy)
+    if core.draining is not None:
+        core.draining = draining_answer(new)
+    shell.reconfigure(new)
+    if tls_context is not None:
+        shell.streams.tls_context = tls_context
+        log.info("TLS certificate and key reloaded from %s and %s", new.tls.cert, new.tls.key)
+    logging.getLogger("turnd").setLevel(new.log.level.upper())
+    if changed:
+        log.warning("configuration reloaded from %s; changed keys that need a restart and were "
+                    "not applied: %s", path, ", ".join(changed))
+    else:
+        log.info("configuration reloaded from %s", path)
+    return True
+
+
+def drain(running: "Running") -> None:
+    """SIGUSR1: refuse new allocations (300 to server.alternate, else 403); the live ones
+    run out."""
+    if running.core.draining is None:
+        running.core.draining = draining_answer(running.shell.config)
+        alt = running.shell.config.server.alternate
+        log.info("draining: new allocations are refused (%s); %d allocations run out",
+                 f"300, alternate {alt}" if alt else "403", len(running.core.allocations))
+
+
+def status_line(running: "Running", pps: float) -> str:
+    text = (f"{len(running.core.allocations)} allocations, {pps:.0f} relayed packets/s")
+    return text + (", draining" if running.core.draining is not None else "")
 
 
 def log_listening(config: Config, udp: list, tcp: list, tls: list = ()) -> None:
@@ -423,10 +497,34 @@ def counters_line(running: Running) -> str:
     return " ".join(f"{k}={v}" for k, v in sorted(parts.items()) if v) or "none"
 
 
-async def run(config: Config, worker: WorkerSpec | None = None) -> None:
-    """Serve until SIGINT or SIGTERM, then stop cleanly."""
+STATUS_INTERVAL = 5.0  # seconds between STATUS= updates to systemd
+
+
+async def service(running: "Running", notifier) -> None:
+    """systemd: WATCHDOG=1 from the event loop (a stuck loop misses it and is restarted) and
+    STATUS= with allocations and relayed packets/s."""
+    interval = min(notifier.watchdog_interval or STATUS_INTERVAL, STATUS_INTERVAL)
+    last_status = trio.current_time()
+    last_packets = running.stats.to_peer + running.stats.to_client
+    while True:
+        await trio.sleep(interval)
+        notifier.watchdog()
+        now = trio.current_time()
+        if now - last_status >= STATUS_INTERVAL - 1e-3:
+            packets = running.stats.to_peer + running.stats.to_client
+            notifier.status(status_line(running, (packets - last_packets) / (now - last_status)))
+            last_status, last_packets = now, packets
+
+
+async def run(config: Config, worker: WorkerSpec | None = None, config_path: str | None = None,
+              notifier=None) -> None:
+    """Serve until SIGINT or SIGTERM, then stop cleanly.  SIGHUP reloads ``config_path``,
+    SIGUSR1 drains.  ``notifier``: systemd's (turnd/notify.py), or None."""
+    from .notify import Notifier
+    notifier = notifier or Notifier({})
     files = raise_file_limit()
-    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM, signal.SIGHUP) as signals:
+    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM, signal.SIGHUP,
+                                   signal.SIGUSR1) as signals:
         async with trio.open_nursery() as nursery:
             running = await nursery.start(functools.partial(serve, config, worker=worker))
             relays = relay_sockets_needed(config)
@@ -440,11 +538,22 @@ async def run(config: Config, worker: WorkerSpec | None = None) -> None:
                             running.shell.streams.cap, config.limits.tcp_connections, files, relays)
             if worker is None:  # (a master says it for its workers)
                 log_listening(config, running.udp, running.tcp, running.tls)
+            notifier.ready(status_line(running, 0))
+            nursery.start_soon(service, running, notifier)
             async for signum in signals:
                 if signum == signal.SIGHUP:
-                    reload_tls(running)
+                    notifier.reloading()
+                    if config_path:
+                        reload_config(running, config_path)
+                    notifier.ready(status_line(running, 0))
+                    continue
+                if signum == signal.SIGUSR1:
+                    drain(running)
+                    notifier.status(status_line(running, 0))
                     continue
                 log.info("received %s, stopping", signal.Signals(signum).name)
+                running.core.draining = ()  # no new allocations while stopping
+                notifier.stopping(f"stopping; {len(running.core.allocations)} allocations end")
                 break
             nursery.cancel_scope.cancel()
     log.info("stopped; counters: %s", counters_line(running))

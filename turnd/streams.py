@@ -111,6 +111,13 @@ class StreamServer:
         self.channel_end = (self.core.config.channel_max >> 8) + 1
         self.connections: set[relay.StreamClient] = set()
 
+    def reconfigure(self, config) -> None:
+        """A reload: caps, deadlines and trusted proxies for what comes next."""
+        from .server import tcp_cap
+        self.config = config
+        self.trusted = tuple(ipaddress.ip_network(n) for n in config.server.proxy_protocol)
+        self.cap = tcp_cap(config)
+
     def is_trusted_proxy(self, ip: str) -> bool:
         if not self.trusted:
             return False

@@ -33,10 +33,15 @@ from .sockets import StartupError, local_address
 log = logging.getLogger("turnd")
 
 STOP_TIMEOUT = 10.0
+# systemd talks to the master only
+NOT_FOR_WORKERS = ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID", "LISTEN_FDS", "LISTEN_PID",
+                   "LISTEN_FDNAMES")
 RESTART_DELAY = (1.0, 30.0)  # after a crash; doubled while a worker keeps crashing
 
 
-async def run_master(config: Config, config_path: str, log_level: str) -> None:
+async def run_master(config: Config, config_path: str, log_level: str, notifier=None) -> None:
+    from .notify import Notifier
+    notifier = notifier or Notifier({})
     count = config.server.workers
     low, high = config.relay.ports
     if high - low + 1 < count:
@@ -63,8 +68,9 @@ async def run_master(config: Config, config_path: str, log_level: str) -> None:
             cmd = [sys.executable, "-m", "turnd", "serve", "--config", config_path,
                    "--log-level", log_level, "--worker", spec.to_json()]
             started = trio.current_time()
+            env = {k: v for k, v in os.environ.items() if k not in NOT_FOR_WORKERS}
             proc = await trio.lowlevel.open_process(
-                cmd, pass_fds=(*spec.udp, *spec.tcp, *spec.tls, spec.shared))
+                cmd, pass_fds=(*spec.udp, *spec.tcp, *spec.tls, spec.shared), env=env)
             procs[spec.index] = proc
             log.info("worker %d started (pid %d), relay ports %d-%d", spec.index, proc.pid,
                      *worker_ports(config.relay.ports, spec.index, count))
@@ -80,16 +86,26 @@ async def run_master(config: Config, config_path: str, log_level: str) -> None:
                 2 * delay, RESTART_DELAY[1])
 
     try:
-        with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM, signal.SIGHUP) as signals:
+        with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM, signal.SIGHUP,
+                                       signal.SIGUSR1) as signals:
             async with trio.open_nursery() as nursery:
                 for spec in specs:
                     nursery.start_soon(supervise, spec)
+                status = f"{count} workers"
+                notifier.ready(status)
+                nursery.start_soon(_watchdog, notifier)
                 async for signum in signals:
-                    if signum == signal.SIGHUP:  # each worker reloads for itself
+                    if signum in (signal.SIGHUP, signal.SIGUSR1):  # each worker does it itself
+                        if signum == signal.SIGHUP:
+                            notifier.reloading()
+                        else:
+                            status = f"{count} workers, draining"
                         for proc in procs.values():
                             if proc.returncode is None:
-                                proc.send_signal(signal.SIGHUP)
+                                proc.send_signal(signum)
+                        notifier.ready(status)
                         continue
+                    notifier.stopping()
                     log.info("received %s, stopping %d workers", signal.Signals(signum).name, count)
                     break
                 stopping.set()
@@ -113,3 +129,9 @@ async def run_master(config: Config, config_path: str, log_level: str) -> None:
                 s.close()
         os.close(shared_fd)
     log.info("stopped")
+
+
+async def _watchdog(notifier) -> None:
+    while notifier.watchdog_interval:
+        await trio.sleep(notifier.watchdog_interval)
+        notifier.watchdog()

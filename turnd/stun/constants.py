@@ -86,6 +86,7 @@ TRANSPORT_UDP = 17
 TRANSPORT_TCP = 6
 
 # Error codes and their default reason phrases
+TRY_ALTERNATE = 300
 BAD_REQUEST = 400
 UNAUTHORIZED = 401
 FORBIDDEN = 403

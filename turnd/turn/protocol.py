@@ -188,6 +188,8 @@ class TurnServer:
         self._busy_ports: deque[tuple[float, str, int]] = deque()  # (retry at, ip, port)
         self.wheel = ExpiryWheel()
         self.sweep_pending = False  # the last expire() hit its budget: call again soon
+        # None: serving; else draining, new Allocates refused: () -> 403, (ip, port) -> 300
+        self.draining: tuple | None = None
         self.relay_ips = {_family(ip): ip for ip in config.relay_addresses}
         self.external = dict(config.external)
         # Every live relay port of this turnd (with workers, of all of them: shared memory).
@@ -207,6 +209,23 @@ class TurnServer:
         # Token buckets for 401s, indexed by a hash of the source IP: fixed memory.
         self._tokens = array("d", bytes(8 * RATE_BUCKETS))
         self._last = array("d", bytes(8 * RATE_BUCKETS))
+
+    def reconfigure(self, config: ProtocolConfig, credentials=None,
+                    policy: PeerPolicy | None = None) -> None:
+        """A reload: new credentials, peer policy and limits for every request from now on.
+        Allocations, relays, nonces and the rate-limit table stay; what shapes sockets and
+        the port pools (listen and relay addresses, ports, channel numbers) is kept."""
+        keep = ("listen", "relay_addresses", "external", "port_range", "host_addresses",
+                "channel_max", "realm")
+        self.config = attrs.evolve(config, **{k: getattr(self.config, k) for k in keep})
+        self.credentials = credentials
+        self.policy = policy or PeerPolicy()
+        features = FEATURE_PASSWORD_ALGORITHMS
+        if credentials is not None and credentials.supports_userhash:
+            features |= FEATURE_USERNAME_ANONYMITY
+        self.nonces = NonceMaker(self.nonces._secret, config.nonce_lifetime, features)
+        algorithms = credentials.algorithms if credentials is not None else ALL_ALGORITHMS
+        self.offered = tuple(PasswordAlgorithm(a) for a in algorithms)
 
     def count(self, name: str) -> None:
         self.stats[name] = self.stats.get(name, 0) + 1
@@ -475,6 +494,13 @@ class TurnServer:
                 self.count("allocate_retransmits")
                 return [Reply(alloc.allocate_response)]
             raise StunError(c.ALLOCATION_MISMATCH)
+        if self.draining is not None:
+            # Draining (the operator's choice): no new allocations here.  RFC 8489 §10: 300
+            # with ALTERNATE-SERVER sends the client elsewhere; without one, 403.
+            self.count("refused_draining")
+            if self.draining:
+                raise StunError(c.TRY_ALTERNATE, attributes=[(c.ALTERNATE_SERVER, self.draining)])
+            raise StunError(c.FORBIDDEN, "Server is draining")
         transport = msg.get(c.REQUESTED_TRANSPORT)
         if transport is None:
             raise StunError(c.BAD_REQUEST, "Missing REQUESTED-TRANSPORT")  # step 3

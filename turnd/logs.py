@@ -1,0 +1,75 @@
+"""Logging to stderr: ``[log] format = "text"`` (one line per event) or ``"json"`` (one JSON
+object per line, with the event's fields).  Under systemd, when stderr is the journal
+(``JOURNAL_STREAM`` names it), each line starts with its syslog priority (``<3>``, as
+sd-daemon(3) describes) so journald records the level, and the timestamp is left to it.
+
+Events with fields (allocation events) pass them as ``extra={"fields": {...}}``: the text
+format appends them as ``key=value``, the JSON format as keys.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+
+PRIORITY = {logging.DEBUG: 7, logging.INFO: 6, logging.WARNING: 4, logging.ERROR: 3,
+            logging.CRITICAL: 2}
+
+
+def stderr_is_journal(environ=None) -> bool:
+    env = os.environ if environ is None else environ
+    dev, _, ino = env.get("JOURNAL_STREAM", "").partition(":")
+    if not dev.isdigit() or not ino.isdigit():
+        return False
+    try:
+        st = os.fstat(sys.stderr.fileno())
+    except (OSError, ValueError):
+        return False
+    return st.st_dev == int(dev) and st.st_ino == int(ino)
+
+
+class TextFormatter(logging.Formatter):
+    def __init__(self, who: str, journal: bool):
+        fmt = f"{who} %(levelname)s %(message)s" if journal else \
+            f"%(asctime)s {who} %(levelname)s %(message)s"
+        super().__init__(fmt)
+        self.journal = journal
+
+    def format(self, record: logging.LogRecord) -> str:
+        text = super().format(record)
+        fields = getattr(record, "fields", None)
+        if fields:
+            text += " " + " ".join(f"{k}={v}" for k, v in fields.items())
+        if self.journal:
+            text = f"<{PRIORITY.get(record.levelno, 6)}>" + text.replace("\n", " | ")
+        return text
+
+
+class JsonFormatter(logging.Formatter):
+    def __init__(self, who: str, journal: bool):
+        super().__init__()
+        self.who, self.journal = who, journal
+
+    def format(self, record: logging.LogRecord) -> str:
+        out = {"time": self.formatTime(record, "%Y-%m-%dT%H:%M:%S") + f".{int(record.msecs):03d}",
+               "level": record.levelname.lower(), "process": self.who,
+               "message": record.getMessage()}
+        out.update(getattr(record, "fields", None) or {})
+        if record.exc_info:
+            out["exception"] = self.formatException(record.exc_info)
+        text = json.dumps(out, default=str)
+        return f"<{PRIORITY.get(record.levelno, 6)}>" + text if self.journal else text
+
+
+def setup_logging(level: str, fmt: str, who: str = "turnd") -> None:
+    journal = stderr_is_journal()
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter((JsonFormatter if fmt == "json" else TextFormatter)(who, journal))
+    root = logging.getLogger()
+    for h in list(root.handlers):
+        root.removeHandler(h)
+    root.addHandler(handler)
+    root.setLevel(logging.WARNING)
+    logging.getLogger("turnd").setLevel(level.upper())
