@@ -15,53 +15,25 @@ import trio
 from turnd.stun import decode_untrusted
 from turnd.stun import constants as c
 
+from .daemon import Turnd
 from .helpers import UdpTurn, recv_or_none
 from .turn_client import channel_data, send_indication
 
 PORTS = (47000, 47999)  # worker 0: 47000-47499, worker 1: 47500-47999
 
 
-class Daemon:
+class Daemon(Turnd):
     """turnd with workers, in its own process group; its log is read as it goes."""
 
     def __init__(self, tmp_path, workers: int = 2, extra: str = ""):
-        conf = tmp_path / "turnd.toml"
-        conf.write_text(f'[server]\nlisten = ["127.0.0.1:0"]\nrealm = "turnd.test"\nworkers = {workers}\n'
-                        f'[auth]\nusers = {{ alice = "alicepw", bob = "bobpw" }}\n'
-                        f'[relay]\nports = "{PORTS[0]}-{PORTS[1]}"\n{extra}')
-        self.log = tmp_path / "turnd.log"
-        self.proc = subprocess.Popen([sys.executable, "-m", "turnd", "serve", "--config", str(conf)],
-                                     stderr=open(self.log, "w"), start_new_session=True)
-        self.port = int(self.wait_for(r"listening on udp 127\.0\.0\.1:(\d+)").group(1))
+        super().__init__(tmp_path, f'[server]\nlisten = ["127.0.0.1:0"]\nrealm = "turnd.test"\n'
+                         f'workers = {workers}\n[auth]\nusers = {{ alice = "alicepw", bob = "bobpw" }}\n'
+                         f'[relay]\nports = "{PORTS[0]}-{PORTS[1]}"\n{extra}')
         for i in range(workers):
             self.wait_for(rf"worker {i} started")
 
-    def text(self) -> str:
-        return self.log.read_text()
-
-    def wait_for(self, pattern: str, timeout: float = 20.0, after: int = 0):
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            m = re.compile(pattern).search(self.text(), after)
-            if m:
-                return m
-            if self.proc.poll() is not None:
-                raise AssertionError(f"turnd exited {self.proc.returncode}:\n{self.text()}")
-            time.sleep(0.05)
-        raise AssertionError(f"no {pattern!r} in:\n{self.text()}")
-
     def worker_pids(self) -> dict[int, int]:
         return {int(i): int(p) for i, p in re.findall(r"worker (\d+) started \(pid (\d+)\)", self.text())}
-
-    def stop(self) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait()
-        return self.proc.returncode
 
 
 @pytest.fixture

@@ -88,3 +88,62 @@ def gen_cert(host: str, out: str, days: int) -> None:
     click.echo(f'[tls]\ncert = "{os.path.abspath(cert)}"\nkey = "{os.path.abspath(key)}"')
     click.echo(f"browsers will not trust it; for a test with Chromium: "
                f"--ignore-certificate-errors-spki-list={spki_sha256(cert)}")
+
+
+def find_daemons(config_path: str | None = None) -> list[int]:
+    """PIDs of running ``turnd serve`` processes (masters, not workers), optionally only
+    those serving ``config_path``."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit() or int(entry) == os.getpid():
+            continue
+        try:
+            with open(f"/proc/{entry}/cmdline", "rb") as f:
+                args = [a.decode(errors="replace") for a in f.read().split(b"\0") if a]
+        except OSError:
+            continue
+        if "serve" not in args or "--worker" in args:
+            continue
+        if not any(a.endswith("turnd") or a == "turnd" for a in args[:3]):
+            continue
+        if config_path is not None:
+            given = args[args.index("--config") + 1] if "--config" in args[:-1] else \
+                "/etc/turnd/turnd.toml"
+            if os.path.abspath(given) != os.path.abspath(config_path):
+                continue
+        found.append(int(entry))
+    return found
+
+
+def _signal_daemon(sig, what: str, pid: int | None, config_path: str | None) -> None:
+    import signal as _signal
+    pids = [pid] if pid else find_daemons(config_path)
+    if len(pids) != 1:
+        click.echo(f"turnd: {'no' if not pids else len(pids)} running turnd serve found"
+                   f"{'' if not pids else ' (' + ', '.join(map(str, pids)) + ')'}; "
+                   "name one with --pid or --config", err=True)
+        sys.exit(EXIT_STARTUP)
+    try:
+        os.kill(pids[0], sig)
+    except OSError as exc:
+        click.echo(f"turnd: cannot signal pid {pids[0]}: {exc.strerror}", err=True)
+        sys.exit(EXIT_STARTUP)
+    click.echo(f"turnd (pid {pids[0]}): {what} (sent {_signal.Signals(sig).name})")
+
+
+@main.command()
+@click.option("--pid", type=int, default=None, help="The turnd process (default: find it).")
+@click.option("--config", "config_path", default=None, help="Find the turnd serving this file.")
+def drain(pid: int | None, config_path: str | None) -> None:
+    """Refuse new allocations (300 to [server] alternate, else 403); live ones run out."""
+    import signal as _signal
+    _signal_daemon(_signal.SIGUSR1, "draining", pid, config_path)
+
+
+@main.command()
+@click.option("--pid", type=int, default=None, help="The turnd process (default: find it).")
+@click.option("--config", "config_path", default=None, help="Find the turnd serving this file.")
+def reload(pid: int | None, config_path: str | None) -> None:
+    """Re-read the configuration and TLS certificate (SIGHUP); calls go on."""
+    import signal as _signal
+    _signal_daemon(_signal.SIGHUP, "reloading", pid, config_path)

@@ -98,6 +98,7 @@ class LimitsConfig:
 class LogConfig:
     level: str = "info"     # debug, info, warning, error
     format: str = "text"    # "text" or "json" (one object per line)
+    client_addresses: str = "truncated"  # in allocation events: "full", "truncated", "none"
 
 
 @attrs.frozen
@@ -347,14 +348,17 @@ def read_users_file(path: str) -> tuple[tuple[str, tuple[str, ...]], ...]:
 
 def _parse_log(raw: Any) -> LogConfig:
     s = _Section(raw, "log")
-    s.check_unknown({"level", "format"})
+    s.check_unknown({"level", "format", "client_addresses"})
     level = s.get("level", str, "info")
     if level not in ("debug", "info", "warning", "error"):
         raise ConfigError("log.level", f'"{level}": must be "debug", "info", "warning" or "error"')
     fmt = s.get("format", str, "text")
     if fmt not in ("text", "json"):
         raise ConfigError("log.format", f'"{fmt}": must be "text" or "json"')
-    return LogConfig(level=level, format=fmt)
+    clients = s.get("client_addresses", str, "truncated")
+    if clients not in ("full", "truncated", "none"):
+        raise ConfigError("log.client_addresses", f'"{clients}": must be "full", "truncated" or "none"')
+    return LogConfig(level=level, format=fmt, client_addresses=clients)
 
 
 def _parse_metrics(raw: Any) -> MetricsConfig:

@@ -41,10 +41,16 @@ class TextFormatter(logging.Formatter):
         text = super().format(record)
         fields = getattr(record, "fields", None)
         if fields:
-            text += " " + " ".join(f"{k}={v}" for k, v in fields.items())
+            text += " " + " ".join(f"{k}={_value(v)}" for k, v in fields.items())
         if self.journal:
             text = f"<{PRIORITY.get(record.levelno, 6)}>" + text.replace("\n", " | ")
         return text
+
+
+def _value(v) -> str:
+    if isinstance(v, str) and (not v or any(ch.isspace() or ch in "='\"\\" for ch in v)):
+        return repr(v)
+    return str(v)
 
 
 class JsonFormatter(logging.Formatter):
@@ -73,3 +79,22 @@ def setup_logging(level: str, fmt: str, who: str = "turnd") -> None:
     root.addHandler(handler)
     root.setLevel(logging.WARNING)
     logging.getLogger("turnd").setLevel(level.upper())
+
+
+def client_text(addr: tuple, mode: str) -> str:
+    """A client's address as ``[log] client_addresses`` allows: "full"; "truncated" (the
+    default: IPv4 /24, IPv6 /48, no port: a network, not a person); "none"."""
+    if mode == "full":
+        ip, port = addr[0], addr[1]
+        return f"[{ip}]:{port}" if ":" in ip else f"{ip}:{port}"
+    if mode == "none":
+        return "-"
+    ip = addr[0]
+    if ":" in ip:
+        import ipaddress
+        return str(ipaddress.ip_network(f"{ip}/48", strict=False))
+    return ".".join(ip.split(".")[:3]) + ".0/24"
+
+
+def address_text(addr: tuple) -> str:
+    return f"[{addr[0]}]:{addr[1]}" if ":" in addr[0] else f"{addr[0]}:{addr[1]}"

@@ -280,6 +280,8 @@ class Forwarder:
             self.stats.dropped_no_permission += 1
             return
         n = len(payload)
+        alloc.down_packets += 1
+        alloc.down_bytes += n
         ch = alloc.peer_channels.get(src)
         if ch is not None and ch.expires >= now:
             frame = bytes((ch.number >> 8, ch.number & 0xFF, n >> 8, n & 0xFF)) + payload
@@ -324,6 +326,8 @@ class Forwarder:
                     if expiry is None or expiry < now:
                         stats.dropped_no_permission += 1
                         continue
+                    alloc.up_packets += 1
+                    alloc.up_bytes += len(frame) - 4
                     self.to_peer(ch.relay, peer, memoryview(frame)[4:], now)
                     continue
                 if alloc is not None and first == 0:
@@ -335,6 +339,8 @@ class Forwarder:
                         if relay is None or expiry is None or expiry < now or alloc.expires < now:
                             stats.dropped_no_permission += 1
                             continue
+                        alloc.up_packets += 1
+                        alloc.up_bytes += end - begin
                         self.to_peer(relay, peer, memoryview(frame)[begin:end], now)
                         continue
                 stats.packets_slow_path += 1
@@ -662,6 +668,8 @@ class RelayEngine:
                     if expiry is None or expiry < now or alloc.expires < now:
                         dropped += 1
                         continue
+                    alloc.down_packets += 1
+                    alloc.down_bytes += n
                     ch = peer_channels.get(addr)
                     head = cur * _STRIDE + HEADROOM  # where the payload is
                     if ch is not None and ch.expires >= now:
@@ -790,6 +798,8 @@ class RelayEngine:
                         if expiry is None or expiry < now:
                             no_perm += 1
                             continue
+                        alloc.up_packets += 1
+                        alloc.up_bytes += length
                         if ch.own:
                             if run.count:  # what came before goes first
                                 run.fd = run_fd
@@ -823,6 +833,8 @@ class RelayEngine:
                             if relay is None or expiry is None or expiry < now or alloc.expires < now:
                                 no_perm += 1
                                 continue
+                            alloc.up_packets += 1
+                            alloc.up_bytes += end - begin
                             if peer[0] in own_ips:
                                 if run.count:  # what came before goes first
                                     run.fd = run_fd

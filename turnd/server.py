@@ -29,10 +29,12 @@ from .auth import AnyOf, RestSecrets, StaticUsers
 from .config import Config, ConfigError
 from .sockets import (StartupError, host_addresses, local_address, open_relay_socket,
                       open_socket)
+from .logs import address_text, client_text
 from .streams import StreamServer
 from .turn.policy import PeerPolicy
 from .turn.registry import LiveRelays
-from .turn.protocol import (AllocationCreated, AllocationDeleted, BindFailed, FiveTuple,
+from .turn.protocol import (AllocationCreated, AllocationDeleted, AllocationRefreshed,
+                            BindFailed, FiveTuple,
                             PortBusy, ProtocolConfig, Refused, Reply, SendToPeer, TurnServer,
                             client_key)
 
@@ -242,12 +244,23 @@ class Shell:
             if isinstance(action, Reply):
                 origin.reply(action.data)
             elif isinstance(action, SendToPeer):
+                alloc = action.relay.alloc
+                alloc.up_packets += 1
+                alloc.up_bytes += len(action.data)
                 self.forwarder.to_peer(action.relay, action.peer, action.data, self.now())
             elif isinstance(action, AllocationCreated):
                 action.alloc.client_handle = origin.attach(action.alloc)
                 for r in action.alloc.relays.values():
                     self.engine.add_relay(r)
+                self.log_allocation("created", action.alloc,
+                                    lifetime=round(action.alloc.expires - action.alloc.created))
+            elif isinstance(action, AllocationRefreshed):
+                self.log_allocation("refreshed", action.alloc, lifetime=action.lifetime)
             elif isinstance(action, AllocationDeleted):
+                a = action.alloc
+                self.log_allocation(action.reason, a, seconds=round(self.now() - a.created),
+                                    to_peers_packets=a.up_packets, to_peers_bytes=a.up_bytes,
+                                    to_client_packets=a.down_packets, to_client_bytes=a.down_bytes)
                 # The core has removed and closed the relay sockets already (binder.unbind).
                 client = action.alloc.client_handle
                 if isinstance(client, relay.UdpClient):
@@ -257,6 +270,19 @@ class Shell:
             elif isinstance(action, Refused):
                 self.log_limited(f"refused {action.kind}", logging.WARNING, "refused with %d: %s",
                                  action.code, action.note)
+
+    def log_allocation(self, event: str, alloc, **more) -> None:
+        """One line per allocation event (never per packet): user, client (as much of it as
+        ``[log] client_addresses`` allows), transport, relayed addresses, and ``more``."""
+        if not log.isEnabledFor(logging.INFO):
+            return
+        ft = alloc.five_tuple
+        fields = {"user": alloc.username,
+                  "client": client_text(ft.client, self.config.log.client_addresses),
+                  "transport": ft.transport,
+                  "relay": ",".join(address_text(r.advertised) for r in alloc.relays.values()),
+                  **more}
+        log.info("allocation %s", event, extra={"fields": fields})
 
     # --- the slow path and the other tasks -----------------------------------------------
 
@@ -407,9 +433,14 @@ def load_tls(config: Config):
         return None
     from .tls import load_context
     try:
-        return load_context(config.tls)
+        context = load_context(config.tls)
     except ConfigError as exc:
         raise StartupError(f"config error: {exc}") from None
+    from .tls import key_readable_by_others
+    if key_readable_by_others(config.tls.key):
+        log.warning("%s: the TLS key is readable by every user on this host (chmod o-r)",
+                    config.tls.key)
+    return context
 
 
 # Keys a reload can't change (they shape sockets, processes and keys): named in the log line.
@@ -530,8 +561,9 @@ async def run(config: Config, worker: WorkerSpec | None = None, config_path: str
             relays = relay_sockets_needed(config)
             if files < relays + FILES_RESERVED:
                 log.warning("only %d open files allowed (RLIMIT_NOFILE): fewer than the %d relay "
-                            "ports need; allocations past that get 508. Raise LimitNOFILE or "
-                            "ulimit -n.", files, relays)
+                            "ports and %d for listen sockets, connections and files need; "
+                            "allocations past that get 508. Raise LimitNOFILE or ulimit -n.",
+                            files, relays, FILES_RESERVED)
             if running.shell.streams.cap < config.limits.tcp_connections:
                 log.info("TCP connections capped at %d, below limits.tcp_connections (%d): "
                             "of the %d open files allowed, %d are kept for relay sockets",

@@ -17,6 +17,8 @@ def load_context(tls: TlsConfig, now: datetime.datetime | None = None) -> ssl.SS
     """A server context (TLS 1.2 and 1.3) for ``tls``; ConfigError names what is wrong."""
     from cryptography import x509
     for key, path in (("tls.cert", tls.cert), ("tls.key", tls.key)):
+        if not path:
+            raise ConfigError(key, "must be set too (tls.cert and tls.key go together)")
         try:
             with open(path, "rb"):
                 pass
@@ -38,10 +40,20 @@ def load_context(tls: TlsConfig, now: datetime.datetime | None = None) -> ssl.SS
     try:
         context.load_cert_chain(tls.cert, tls.key)
     except ssl.SSLError as exc:
-        reason = "the key does not match the certificate" if "mismatch" in str(exc).lower() \
+        text = str(exc).lower()
+        reason = "the key does not match the certificate" if "mismatch" in text \
+            else "not a PEM private key" if "pem" in text \
             else f"cannot load the key: {exc.reason or exc}"
         raise ConfigError("tls.key", f"{tls.key}: {reason}") from None
     return context
+
+
+def key_readable_by_others(path: str) -> bool:
+    """Can users other than the owner and group read the key (mode o+r)?"""
+    try:
+        return bool(os.stat(path).st_mode & 0o004)
+    except OSError:
+        return False
 
 
 def generate(host: str, out: str, days: int = 365) -> tuple[str, str]:

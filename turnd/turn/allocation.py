@@ -36,7 +36,8 @@ class Allocation:
     __slots__ = ("five_tuple", "username", "key", "integrity", "expires", "relays",
                  "permissions", "channels", "peer_channels", "allocate_tid",
                  "allocate_response", "client_handle", "peer_attr_cache", "cooldown",
-                 "cooldown_peers", "client_key")
+                 "cooldown_peers", "client_key", "created", "up_packets", "up_bytes",
+                 "down_packets", "down_bytes")
 
     def __init__(self, five_tuple, username: str, key: bytes, integrity: str, expires: float):
         self.five_tuple = five_tuple
@@ -59,6 +60,10 @@ class Allocation:
         self.cooldown: dict[int, tuple[tuple, float]] = {}
         self.cooldown_peers: dict[tuple, int] = {}  # the same, by peer
         self.client_key = ""  # what limits.ip_quota counts by (IPv4 address, IPv6 /64)
+        self.created = expires  # set by the core: when it was made
+        # Relayed for this allocation (the hot path adds, for the logs and the hand-over):
+        # from its client to peers, and from peers to its client (payload bytes).
+        self.up_packets = self.up_bytes = self.down_packets = self.down_bytes = 0
 
     def permitted(self, ip: str, now: float) -> bool:
         expiry = self.permissions.get(ip)

@@ -66,8 +66,17 @@ class AllocationCreated:
 
 @attrs.frozen(eq=False)
 class AllocationDeleted:
-    """Stop relaying for ``alloc`` and close its relay sockets."""
+    """Stop relaying for ``alloc`` (its relay sockets are closed already).  ``reason``:
+    "deleted" (Refresh with LIFETIME 0), "expired" or "closed" (its TCP/TLS connection)."""
     alloc: Allocation
+    reason: str = "deleted"
+
+
+@attrs.frozen(eq=False)
+class AllocationRefreshed:
+    """``alloc`` was refreshed for ``lifetime`` seconds (for the logs)."""
+    alloc: Allocation
+    lifetime: int
 
 
 @attrs.frozen
@@ -259,7 +268,7 @@ class TurnServer:
             # RFC 8656 §7: an allocation is gone the moment its lifetime ends, whether
             # or not a sweep has run: it answers nothing and its 5-tuple is free.
             self.count("allocations_expired")
-            actions.append(self._delete(alloc))
+            actions.append(self._delete(alloc, "expired"))
         if msg.cls == c.INDICATION:
             if not msg.unknown_required:
                 actions += self._indication(msg, ft, now)
@@ -306,7 +315,7 @@ class TurnServer:
         if alloc is None:
             return []
         self.count("allocations_closed")
-        return [self._delete(alloc)]
+        return [self._delete(alloc, "closed")]
 
     def expire(self, now: float, budget: int = SWEEP_BUDGET) -> list:
         """Delete what has expired: allocations, permissions, channels, cool-downs and
@@ -322,7 +331,7 @@ class TurnServer:
             work += 1 + len(alloc.permissions) + len(alloc.channels) + len(alloc.cooldown)
             if alloc.expires < now:
                 self.count("allocations_expired")
-                actions.append(self._delete(alloc))
+                actions.append(self._delete(alloc, "expired"))
             else:
                 self._sweep(alloc, now)
         queue = self._reservation_queue
@@ -555,6 +564,7 @@ class TurnServer:
 
         alloc = Allocation(ft, username, auth_key, integrity, now + self._lifetime(msg))
         alloc.client_key = key
+        alloc.created = now
         new_token = None
         # The primary relay.
         ip = self.relay_ips[families[0]]
@@ -683,7 +693,7 @@ class TurnServer:
             self.binder.unbind(relay.handle)
         self.pools[relay.address[0]].give(relay.address[1])
 
-    def _delete(self, alloc: Allocation) -> AllocationDeleted:
+    def _delete(self, alloc: Allocation, reason: str = "deleted") -> AllocationDeleted:
         del self.allocations[alloc.five_tuple]
         self._unhold(alloc.username, alloc.client_key)
         for relay in alloc.relays.values():
@@ -692,7 +702,7 @@ class TurnServer:
             self._release(relay)
         self.wheel.cancel(alloc)
         alloc.expires = float("-inf")  # the hot path stops at once
-        return AllocationDeleted(alloc)
+        return AllocationDeleted(alloc, reason)
 
     def _refresh(self, msg, alloc, now) -> list:
         fam = msg.get(c.REQUESTED_ADDRESS_FAMILY)
@@ -705,7 +715,8 @@ class TurnServer:
         lifetime = self._lifetime(msg)
         alloc.expires = now + lifetime
         self._wake_by(alloc, alloc.expires)
-        return [Reply(self._signed(msg, alloc.key, alloc.integrity, [(c.LIFETIME, lifetime)]))]
+        return [AllocationRefreshed(alloc, lifetime),
+                Reply(self._signed(msg, alloc.key, alloc.integrity, [(c.LIFETIME, lifetime)]))]
 
     def peer_allowed(self, ip: str, port: int | None) -> bool:
         """May a client reach this peer?  ``port`` None: any port (CreatePermission)."""
