@@ -77,6 +77,7 @@ class Running:
     tcp_stats: dict[str, int]
     shell: "Shell"
     tls: list[tuple[str, int]] = attrs.Factory(list)
+    metrics: tuple[str, int] | None = None
 
 
 class SocketBinder:
@@ -126,6 +127,13 @@ SECRET_SIZE = 32
 
 
 def shared_size(config: Config) -> int:
+    """The workers' shared memory: the nonce secret, the live-relay bitmap, and a metrics
+    slot per worker."""
+    from .metrics import SLOT_SIZE
+    return metrics_offset(config) + config.server.workers * SLOT_SIZE
+
+
+def metrics_offset(config: Config) -> int:
     return SECRET_SIZE + LiveRelays.size(len(config.relay_addresses()))
 
 
@@ -216,6 +224,9 @@ class Shell:
         self.streams.cap = tcp_cap(config)
         self.tcp_stats = self.streams.stats
         self.internal_errors = 0
+        # packets and bytes (to peers, to clients) of allocations that have ended: the metrics
+        # add the live ones' to these
+        self.closed_traffic = [0, 0, 0, 0]
         if now_fn is None:
             self._wall_offset = time.time() - trio.current_time()
 
@@ -258,6 +269,11 @@ class Shell:
                 self.log_allocation("refreshed", action.alloc, lifetime=action.lifetime)
             elif isinstance(action, AllocationDeleted):
                 a = action.alloc
+                t = self.closed_traffic
+                t[0] += a.up_packets
+                t[1] += a.up_bytes
+                t[2] += a.down_packets
+                t[3] += a.down_bytes
                 self.log_allocation(action.reason, a, seconds=round(self.now() - a.created),
                                     to_peers_packets=a.up_packets, to_peers_bytes=a.up_bytes,
                                     to_client_packets=a.down_packets, to_client_bytes=a.down_bytes)
@@ -378,6 +394,8 @@ async def serve(config: Config, *, worker: WorkerSpec | None = None,
     tls_socks: list[socket.socket] = []
     core_args: dict = {}
     tls_context = load_tls(config)
+    metrics_listener = None
+    shared = None
     if worker is None:
         try:
             for ep in config.server.listen:
@@ -399,12 +417,21 @@ async def serve(config: Config, *, worker: WorkerSpec | None = None,
         shared = mmap.mmap(worker.shared, shared_size(config))
         core_args = dict(port_range=worker_ports(config.relay.ports, worker.index, worker.count),
                          nonce_secret=bytes(shared[:SECRET_SIZE]),
-                         live_buffer=memoryview(shared)[SECRET_SIZE:])
+                         live_buffer=memoryview(shared)[SECRET_SIZE:metrics_offset(config)])
     udp_addrs = [local_address(s) for s in udp_socks]
     tcp_addrs = [local_address(s) for s in tcp_socks]
     tls_addrs = [local_address(s) for s in tls_socks]
     shell = Shell(config, tuple(udp_addrs + tcp_addrs + tls_addrs), **core_args)
     shell.streams.tls_context = tls_context
+    if config.metrics.listen and worker is None:
+        from .metrics import open_listener
+        try:
+            metrics_listener = open_listener(config.metrics.listen)
+        except BaseException:
+            shell.engine.close()
+            for s in udp_socks + tcp_socks + tls_socks:
+                s.close()
+            raise
     try:
         async with trio.open_nursery() as nursery:
             for sock, server in zip(udp_socks, udp_addrs):
@@ -417,11 +444,23 @@ async def serve(config: Config, *, worker: WorkerSpec | None = None,
             nursery.start_soon(shell.sweeper)
             running = Running(udp=udp_addrs, tcp=tcp_addrs, core=shell.core, stats=shell.stats,
                               tcp_stats=shell.tcp_stats, shell=shell, tls=tls_addrs)
+            if metrics_listener is not None:
+                from .metrics import registry_for, serve_http, snapshot
+                running.metrics = local_address(metrics_listener.socket)
+                registry = registry_for(lambda: {"": snapshot(running)}, time.time())
+                nursery.start_soon(serve_http, metrics_listener, registry)
+            elif shared is not None and config.metrics.listen:
+                from .metrics import SLOT_SIZE, publish
+                view = memoryview(shared)[metrics_offset(config):]
+                nursery.start_soon(publish, running, view[:config.server.workers * SLOT_SIZE],
+                                   worker.index)
             task_status.started(running)
     finally:
         shell.engine.close()
         for s in udp_socks + tcp_socks + tls_socks:
             s.close()
+        if metrics_listener is not None:
+            metrics_listener.socket.close()
         for alloc in list(shell.core.allocations.values()):
             for r in alloc.relays.values():
                 r.handle.close()
@@ -570,6 +609,8 @@ async def run(config: Config, worker: WorkerSpec | None = None, config_path: str
                             running.shell.streams.cap, config.limits.tcp_connections, files, relays)
             if worker is None:  # (a master says it for its workers)
                 log_listening(config, running.udp, running.tcp, running.tls)
+                if running.metrics:
+                    log.info("metrics on http://%s/metrics", address_text(running.metrics))
             notifier.ready(status_line(running, 0))
             nursery.start_soon(service, running, notifier)
             async for signum in signals:

@@ -74,12 +74,14 @@ def _bound(kind: str, host: str, port: int, *, dont_fragment: bool = False,
     return sock
 
 
-def open_socket(kind: str, host: str, port: int, reuseport: bool = False) -> socket.socket:
+def open_socket(kind: str, host: str, port: int, reuseport: bool = False,
+                what: str | None = None) -> socket.socket:
     """A bound, non-blocking listen socket; kind is "udp" or "tcp"."""
     try:
         return _bound(kind, host, port, reuseport=reuseport)
     except OSError as exc:
-        raise StartupError(f"cannot listen on {kind} {Endpoint(host, port)}: {_describe(exc)}") from None
+        raise StartupError(f"cannot listen on {what or kind} {Endpoint(host, port)}: "
+                           f"{_describe(exc)}") from None
 
 
 def open_relay_socket(host: str, port: int, dont_fragment: bool) -> socket.socket:

@@ -56,6 +56,10 @@ async def run_master(config: Config, config_path: str, log_level: str, notifier=
     specs = [WorkerSpec(i, count, tuple(g[0][i].fileno() for g in groups),
                         tuple(g[1][i].fileno() for g in groups), shared_fd,
                         tuple(g[i].fileno() for g in tls_groups)) for i in range(count)]
+    metrics_listener = None
+    if config.metrics.listen:
+        from .metrics import open_listener
+        metrics_listener = open_listener(config.metrics.listen)
     log_listening(config, [local_address(g[0][0]) for g in groups],
                   [local_address(g[1][0]) for g in groups],
                   [local_address(g[0]) for g in tls_groups])
@@ -91,6 +95,8 @@ async def run_master(config: Config, config_path: str, log_level: str, notifier=
             async with trio.open_nursery() as nursery:
                 for spec in specs:
                     nursery.start_soon(supervise, spec)
+                if metrics_listener is not None:
+                    nursery.start_soon(_serve_metrics, metrics_listener, config, shared_fd, count)
                 status = f"{count} workers"
                 notifier.ready(status)
                 nursery.start_soon(_watchdog, notifier)
@@ -128,7 +134,30 @@ async def run_master(config: Config, config_path: str, log_level: str, notifier=
             for s in socks:
                 s.close()
         os.close(shared_fd)
+        if metrics_listener is not None:
+            metrics_listener.socket.close()
     log.info("stopped")
+
+
+async def _serve_metrics(listener, config: Config, shared_fd: int, count: int) -> None:
+    """The master serves every worker's snapshot (from its slot), labelled worker="N"."""
+    import time
+    from .metrics import SLOT_SIZE, read_slot, registry_for, serve_http
+    from .server import metrics_offset
+    from .logs import address_text
+    log.info("metrics on http://%s/metrics", address_text(local_address(listener.socket)))
+    shared = mmap.mmap(shared_fd, shared_size(config))
+    view = memoryview(shared)[metrics_offset(config):metrics_offset(config) + count * SLOT_SIZE]
+
+    def snapshots() -> dict:
+        out = {}
+        for i in range(count):
+            snap = read_slot(view, i)
+            if snap is not None:
+                out[str(i)] = snap
+        return out
+
+    await serve_http(listener, registry_for(snapshots, time.time()))
 
 
 async def _watchdog(notifier) -> None:
