@@ -18,8 +18,12 @@ $(STAMP): $(BIN)/python pyproject.toml
 	$(BIN)/pip install --quiet -e '.[test]'
 	touch $(STAMP)
 
+# On the default config with no credentials, turnd relays with a REST secret of its own
+# (.turnd/rest-secret, git-ignored, mode 0600) and prints an RTCIceServer to try it with.
+FIRST_RUN := $(if $(filter conf/turnd.toml,$(CONFIG)),--first-run-secret .turnd/rest-secret,)
+
 run: $(STAMP)
-	$(BIN)/turnd serve --config $(CONFIG)
+	$(BIN)/turnd serve --config $(CONFIG) $(FIRST_RUN)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest $(PYTEST_ARGS)

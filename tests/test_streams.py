@@ -302,7 +302,8 @@ async def test_a_client_that_does_not_read_loses_datagrams_not_memory_and_nobody
             for _ in range(500):
                 await peer.sendto(payload, relayed)
             await trio.sleep(0)
-            biggest = max([biggest, *(len(sc.buffer) for sc in running.shell.streams.connections)])
+            biggest = max([biggest, *(len(sc.buffer) + sc.writing
+                                      for sc in running.shell.streams.connections)])
             if burst % 10 == 0:
                 await udp_call_works(running, other_peer)  # meanwhile others are served
         await trio.sleep(0.2)
@@ -456,3 +457,114 @@ async def test_sighup_reloads_the_certificate_for_new_connections_and_keeps_sess
             await proc.wait()
     assert b"Traceback" not in log, log.decode()
 
+
+
+# --- found by a hostile review of TCP/TLS ---------------------------------------------------
+
+async def echo_call_loss(running, peer, count: int = 200, timeout: float = 1.0) -> int:
+    """A UDP call through turnd to an echo peer: how many of ``count`` round trips did not
+    come back within ``timeout`` each."""
+    turn = await UdpTurn.connect(running.udp[0], "bob", "bobpw")
+    relayed = await turn.allocate()
+    await turn.bind(0x4001, peer.getsockname())
+    lost = 0
+    for i in range(count):
+        await turn.sock.sendto(channel_data(0x4001, b"%05d" % i), turn.server)
+        with trio.move_on_after(timeout):
+            data, addr = await peer.recvfrom(2048)
+            await peer.sendto(data, relayed)
+            while (frame := await turn.recv(timeout)) is not None and frame[4:9] != b"%05d" % i:
+                pass
+            if frame is not None:
+                await trio.sleep(0.002)
+                continue
+        lost += 1
+    turn.sock.close()
+    return lost
+
+
+async def test_hundreds_of_connections_of_tiny_frames_do_not_stall_udp_calls(nursery):
+    """255 connections from one address, each full of 20-byte Binding indications (no
+    authentication, no answer): before, the UDP engine got one turn in 255 x 64 frames and a
+    call lost 39 %; now all connections together get ROUND_BUDGET frames per turn."""
+    running = await nursery.start(serve, turn_config())
+    peer = await udp_client("127.0.0.1")
+    indication = binding_request()[1]
+    indication = bytes([0x00, 0x11]) + indication[2:]  # a Binding indication
+    burst = indication * 5000  # 100 KB per connection
+    flooders = []
+    with trio.fail_after(60):
+        for _ in range(255):
+            flooders.append(await trio.open_tcp_stream(*running.tcp[0]))
+
+        async def flood(stream):
+            with trio.move_on_after(20):
+                for _ in range(4):
+                    await stream.send_all(burst)
+        async with trio.open_nursery() as attack:
+            for stream in flooders:
+                attack.start_soon(flood, stream)
+            await trio.sleep(0.5)  # the flood is on
+            lost = await echo_call_loss(running, peer)
+            attack.cancel_scope.cancel()
+    assert lost == 0
+    assert running.tcp_stats["refused_per_ip"] == 0  # all 255 were let in: the cap did not help
+
+
+@pytest.mark.parametrize("frame, what", [
+    (channel_data(0x4001, b"x"), "ChannelData"),
+    (None, "a Send indication"),
+])
+async def test_relay_frames_before_any_allocation_close_the_connection(nursery, frame, what):
+    running = await nursery.start(serve, turn_config())
+    if frame is None:
+        from .turn_client import TurnClient
+        frame = send_indication(TurnClient("x", "y"), ("127.0.0.1", 9), b"x")
+    with trio.fail_after(10):
+        turn = await StreamTurn.connect(running.tcp[0])
+        await turn.send(frame)
+        assert await turn.frame() is None  # closed
+    assert running.tcp_stats["closed_misuse"] == 1
+
+
+async def test_indications_alone_do_not_keep_a_connection_open(nursery):
+    limits = LimitsConfig(tcp_first_message_timeout=1, tcp_idle_timeout=10)
+    running = await nursery.start(serve, turn_config(limits=limits))
+    indication = bytes([0x00, 0x11]) + binding_request()[1][2:]
+    with trio.fail_after(10):
+        turn = await StreamTurn.connect(running.tcp[0])
+        start = trio.current_time()
+        while await turn.frame(timeout=0.2) is None and running.tcp_stats["closed_idle"] == 0:
+            try:
+                await turn.send(indication)
+            except trio.BrokenResourceError:
+                break
+        assert trio.current_time() - start < 5
+    assert running.tcp_stats["closed_idle"] == 1
+
+
+async def test_a_tcp_client_on_a_port_number_that_is_a_live_udp_relay_is_served(nursery):
+    running = await nursery.start(serve, turn_config())
+    with trio.fail_after(10):
+        udp = await UdpTurn.connect(running.udp[0])
+        relayed = await udp.allocate()
+        sock = trio.socket.socket()
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        await sock.bind(("127.0.0.1", relayed[1]))  # TCP: the UDP relay port number is free
+        await sock.connect(running.tcp[0])
+        turn = StreamTurn(trio.SocketStream(sock), udp.client.__class__("alice", "alicepw"))
+        assert (await turn.call(c.BINDING)).get(c.XOR_MAPPED_ADDRESS) == ("127.0.0.1", relayed[1])
+
+
+async def test_connections_faster_than_the_rate_are_refused(nursery):
+    limits = LimitsConfig(tcp_connection_rate=10)
+    running = await nursery.start(serve, turn_config(limits=limits))
+    with trio.fail_after(10):
+        answered = 0
+        for _ in range(40):
+            turn = await StreamTurn.connect(running.tcp[0])
+            await turn.send(binding_request()[1])
+            answered += await turn.frame(timeout=1) is not None
+            await turn.aclose()
+    assert 20 <= answered < 40  # a burst of twice the rate, then the rate
+    assert running.tcp_stats["refused_rate"] == 40 - answered

@@ -6,6 +6,7 @@ import logging
 import os
 import sys
 
+import attrs
 import click
 import trio
 
@@ -43,7 +44,11 @@ def main() -> None:
               type=click.Choice(["debug", "info", "warning", "error"]))
 @click.option("--worker", "worker_spec", default=None, hidden=True,
               help="(internal) serve as a worker of a master process")
-def serve(config_path: str, log_level: str | None, worker_spec: str | None) -> None:
+@click.option("--first-run-secret", "first_run", default=None, type=click.Path(dir_okay=False),
+              help="When the config has no users and no secrets: relay anyway, with a TURN REST "
+                   "secret kept in this file (made, mode 0600, if missing). What make run uses.")
+def serve(config_path: str, log_level: str | None, worker_spec: str | None,
+          first_run: str | None) -> None:
     """Serve STUN and TURN until SIGINT or SIGTERM; SIGHUP reloads, SIGUSR1 drains."""
     config = _load_or_exit(config_path)
     from .logs import setup_logging
@@ -53,18 +58,124 @@ def serve(config_path: str, log_level: str | None, worker_spec: str | None) -> N
     log_level = log_level or config.log.level
     setup_logging(log_level, config.log.format, f"turnd[{worker.index}]" if worker else "turnd")
     notifier = Notifier()
+    first_secrets = ()
+    if first_run and not config.auth.users and not config.auth.secrets:
+        first_secrets = _first_run(config, first_run, announce=worker is None)
+        config = attrs.evolve(config, auth=attrs.evolve(config.auth, secrets=first_secrets))
     failed = None
     try:
         if worker is None and config.server.workers > 1:
             from .workers import run_master
-            trio.run(run_master, config, config_path, log_level, notifier)
+            trio.run(run_master, config, config_path, log_level, notifier, first_run)
         else:
-            trio.run(run, config, worker, config_path, notifier)
+            trio.run(run, config, worker, config_path, notifier, first_secrets)
     except* StartupError as group:
         failed = group.exceptions[0]
     if failed is not None:
         click.echo(f"turnd: {failed}", err=True)
         sys.exit(EXIT_STARTUP)
+
+
+def _first_run(config: Config, path: str, announce: bool) -> tuple[str, ...]:
+    """make run with no credentials configured: a REST secret of its own, and (when it is
+    made) an RTCIceServer a browser can use at once."""
+    import time
+    from .tools import first_run_secret, ice_server, rest_credential, turn_urls
+    try:
+        secret, made = first_run_secret(path)
+    except (OSError, ConfigError) as exc:
+        click.echo(f"turnd: cannot use the first-run secret {path}: {exc}", err=True)
+        sys.exit(EXIT_STARTUP)
+    if announce:
+        logging.getLogger("turnd").info(
+            "no [auth] users or secrets: TURN relays with the first-run REST secret in %s", path)
+    if made and announce:
+        username, password = rest_credential(secret, "first-run", 86400, time.time())
+        click.echo("turnd: first run. Relaying with a TURN REST secret made for you in "
+                   f"{path} (mode 0600). An RTCIceServer valid for a day:", err=True)
+        click.echo(ice_server(turn_urls(config), username, password))
+        click.echo(f"More credentials: turnd credential --secret-file {path} --user NAME --json "
+                   "(production: set [auth] users, users_file or secrets)", err=True)
+    return (secret,)
+
+
+@main.command()
+@click.option("--secret-file", required=True, type=click.Path(dir_okay=False),
+              help="A file holding the TURN REST secret ([auth] secrets); the first line is used.")
+@click.option("--user", default="", help="Who the credential is for (part of the user name).")
+@click.option("--ttl", default=86400, show_default=True, type=click.IntRange(60, 10 * 365 * 86400),
+              help="Seconds the credential stays valid.")
+@click.option("--json", "as_json", is_flag=True, help="Print an RTCIceServer object.")
+@click.option("--url", "urls", multiple=True, help="TURN URLs for --json (default: from --config).")
+@click.option("--config", "config_path", default=None, type=click.Path(dir_okay=False),
+              help="The config whose TURN URLs --json lists.")
+def credential(secret_file: str, user: str, ttl: int, as_json: bool, urls: tuple,
+               config_path: str | None) -> None:
+    """Print TURN REST API credentials, as a web app's back end hands them to browsers."""
+    import time
+    from .tools import ice_server, read_secret_file, rest_credential, turn_urls
+    try:
+        secret = read_secret_file(secret_file)[0]
+    except ConfigError as exc:
+        click.echo(f"turnd: {exc}", err=True)
+        sys.exit(EXIT_CONFIG)
+    username, password = rest_credential(secret, user, ttl, time.time())
+    if not as_json:
+        click.echo(f"username: {username}\npassword: {password}")
+        return
+    if not urls:
+        urls = turn_urls(_load_or_exit(config_path) if config_path else Config())
+    click.echo(ice_server(list(urls), username, password))
+
+
+@main.group()
+def user() -> None:
+    """Users in [auth] users_file: keys derived from the password, never the password."""
+
+
+def _users_target(users_file: str | None, config_path: str) -> tuple[str, str]:
+    """(users file path, realm)."""
+    config = _load_or_exit(config_path) if os.path.exists(config_path) or not users_file else Config()
+    path = users_file or config.auth.users_file
+    if not path:
+        click.echo(f"turnd: {config_path} sets no [auth] users_file; give --users-file", err=True)
+        sys.exit(EXIT_CONFIG)
+    return path, config.server.realm
+
+
+@user.command("add")
+@click.argument("name")
+@click.option("--users-file", default=None, type=click.Path(dir_okay=False),
+              help="Default: [auth] users_file of --config.")
+@click.option("--config", "config_path", default="/etc/turnd/turnd.toml", show_default=True,
+              help="Gives the realm (keys depend on it) and the users file.")
+@click.option("--password", prompt=True, hide_input=True, confirmation_prompt=True,
+              help="Prompted for when not given (or read from stdin when piped).")
+def user_add(name: str, users_file: str | None, config_path: str, password: str) -> None:
+    """Add NAME (or set a new password); turnd reload applies it."""
+    from .tools import add_user
+    path, realm = _users_target(users_file, config_path)
+    try:
+        new = add_user(path, name, realm, password)
+    except (ValueError, ConfigError) as exc:
+        click.echo(f"turnd: {exc}", err=True)
+        sys.exit(EXIT_CONFIG)
+    click.echo(f"{'added' if new else 'updated'} {name!r} in {path} (realm {realm!r}); "
+               "apply with: turnd reload (or systemctl reload turnd)")
+
+
+@user.command("delete")
+@click.argument("name")
+@click.option("--users-file", default=None, type=click.Path(dir_okay=False))
+@click.option("--config", "config_path", default="/etc/turnd/turnd.toml", show_default=True)
+def user_delete(name: str, users_file: str | None, config_path: str) -> None:
+    """Delete NAME; turnd reload applies it (its allocations run out)."""
+    from .tools import delete_user
+    path, _ = _users_target(users_file, config_path)
+    if not delete_user(path, name):
+        click.echo(f"turnd: no user {name!r} in {path}", err=True)
+        sys.exit(EXIT_CONFIG)
+    click.echo(f"deleted {name!r} from {path}; apply with: turnd reload")
 
 
 @main.command("check-config")

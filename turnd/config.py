@@ -92,6 +92,7 @@ class LimitsConfig:
     tcp_first_message_timeout: int = 10
     tcp_idle_timeout: int = 300
     tls_handshake_timeout: int = 10
+    tcp_connection_rate: int = 200  # new TCP/TLS connections per second per client address
 
 
 @attrs.frozen
@@ -103,7 +104,10 @@ class LogConfig:
 
 @attrs.frozen
 class MetricsConfig:
-    listen: Endpoint | None = None  # Prometheus /metrics; None: off
+    listen: Endpoint | None = None  # Prometheus /metrics; None: off (a file's default: METRICS_DEFAULT)
+
+
+METRICS_DEFAULT = "127.0.0.1:9641"  # coturn's prometheus port
 
 
 @attrs.frozen
@@ -364,6 +368,8 @@ def _parse_log(raw: Any) -> LogConfig:
 def _parse_metrics(raw: Any) -> MetricsConfig:
     s = _Section(raw, "metrics")
     s.check_unknown({"listen"})
+    if "listen" not in s.data:
+        return MetricsConfig(listen=parse_endpoint(METRICS_DEFAULT, "metrics.listen"))
     return MetricsConfig(listen=_optional_endpoint(s, "listen"))
 
 
@@ -434,7 +440,8 @@ def _parse_limits(raw: Any) -> LimitsConfig:
         tcp_first_message_timeout=_int(s, "tcp_first_message_timeout",
                                        d.tcp_first_message_timeout, 1, 300),
         tcp_idle_timeout=_int(s, "tcp_idle_timeout", d.tcp_idle_timeout, 10, 86400),
-        tls_handshake_timeout=_int(s, "tls_handshake_timeout", d.tls_handshake_timeout, 1, 120))
+        tls_handshake_timeout=_int(s, "tls_handshake_timeout", d.tls_handshake_timeout, 1, 120),
+        tcp_connection_rate=_int(s, "tcp_connection_rate", d.tcp_connection_rate, 0, 10**6))
     if limits.tcp_connections_per_ip > limits.tcp_connections:
         raise ConfigError("limits.tcp_connections_per_ip",
                           f"{limits.tcp_connections_per_ip}: must not exceed limits.tcp_connections "
@@ -457,6 +464,7 @@ def parse_config(data: dict[str, Any]) -> Config:
     for name in data:
         if name not in SECTIONS:
             raise ConfigError(name, "unknown section")
+    data = {"metrics": {}, **data}  # [metrics] listen has a default even without the section
     config = Config(**{name: parse(data[name]) for name, parse in SECTIONS.items() if name in data})
     if config.server.tls_listen and not (config.tls.cert and config.tls.key):
         raise ConfigError("tls.cert" if not config.tls.cert else "tls.key",

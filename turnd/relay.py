@@ -47,6 +47,7 @@ import trio
 from . import mmsg
 from .stun import constants as c
 from .stun.attributes import CODECS, encode_value
+from .stun.errors import StunDecodeError
 
 BATCH = 64  # datagrams drained from a listen socket per wakeup
 MAX_EVENTS = 256  # ready sockets handled per wakeup before other tasks run
@@ -168,6 +169,12 @@ class UdpClient:
 
 
 STREAM_BUFFER = 64 * 1024  # bytes waiting for a TCP/TLS client; relayed datagrams past it drop
+SEND_INDICATION_TYPE = b"\x00\x16"
+
+
+class StreamMisuse(StunDecodeError):
+    """A stream sent what no client does (ChannelData or a Send indication before it has an
+    allocation): work for nothing, so the connection is closed."""
 STREAM_FRAMES = 64  # frames from one connection handled before other tasks run
 
 
@@ -179,22 +186,23 @@ class StreamClient:
     to its requests go the same way (in order), and are not dropped: its reader waits for
     room before taking more requests (``room``)."""
 
-    __slots__ = ("sock", "buffer", "writing", "ready", "room", "alloc", "closed")
+    __slots__ = ("sock", "buffer", "writing", "ready", "room", "alloc", "closed", "requests")
 
     def __init__(self, sock: socket.socket | None):
         self.sock = sock  # plain TCP: written directly when nothing waits; TLS: None
         self.buffer = bytearray()
-        self.writing = False  # the writer task has bytes in flight
+        self.writing = 0  # bytes the writer task has in flight (they count toward the cap)
         self.ready = trio.Event()  # set: the writer has something to do
         self.room = trio.Event()   # set by the writer whenever it has written
         self.alloc = None  # the allocation on this connection's 5-tuple, if any
         self.closed = False
+        self.requests = 0  # STUN requests seen (what, with an allocation, keeps it alive)
 
     def send(self, data) -> bool:
         """A relayed ChannelData frame (padded to 4 here: RFC 8656 §12.5) or Data
         indication; False when it was dropped (the buffer is full, or the connection is
         gone)."""
-        if self.closed or len(self.buffer) + len(data) > STREAM_BUFFER:
+        if self.closed or len(self.buffer) + self.writing + len(data) > STREAM_BUFFER:
             return False
         self._write(data, -len(data) % 4)
         return True
@@ -297,16 +305,17 @@ class Forwarder:
             self.stats.send_dropped += 1
 
 
-    def from_stream_untrusted(self, client: StreamClient, framer, now: float, slow_path) -> int:
+    def from_stream_untrusted(self, client: StreamClient, framer, now: float, slow_path,
+                              limit: int = STREAM_FRAMES) -> int:
         """Frames a TCP/TLS client sent (``framer``, a StreamFramer fed by its reader):
         ChannelData and Send indications of its allocation go to peers right here; anything
         else is ``slow_path(frame)``'s.  Returns how many frames were handled, at most
-        STREAM_FRAMES (then the reader lets others run and calls again); raises only
-        StunDecodeError, when the stream is not STUN."""
+        ``limit`` (then the reader lets others run and calls again); raises only
+        StunDecodeError: the stream is not STUN, or ``StreamMisuse``."""
         stats = self.stats
         handled = 0
         try:
-            while handled < STREAM_FRAMES:
+            while handled < limit:
                 frame = framer.next_frame_untrusted()
                 if frame is None:
                     break
@@ -314,7 +323,10 @@ class Forwarder:
                 alloc = client.alloc
                 first = frame[0]
                 if first >= 0x40:  # ChannelData (the framer took only the channel range)
-                    if alloc is None or alloc.expires < now:
+                    if alloc is None:  # no client sends it before a ChannelBind succeeded
+                        stats.dropped_no_allocation += 1
+                        raise StreamMisuse("ChannelData without an allocation")
+                    if alloc.expires < now:
                         stats.dropped_no_allocation += 1
                         continue
                     ch = alloc.channels.get((first << 8) | frame[1])
@@ -330,6 +342,9 @@ class Forwarder:
                     alloc.up_bytes += len(frame) - 4
                     self.to_peer(ch.relay, peer, memoryview(frame)[4:], now)
                     continue
+                if alloc is None and frame[:2] == SEND_INDICATION_TYPE:
+                    stats.dropped_no_allocation += 1
+                    raise StreamMisuse("a Send indication without an allocation")
                 if alloc is not None and first == 0:
                     found = send_indication_untrusted(frame, len(frame))
                     if found is not None:

@@ -227,6 +227,7 @@ class Shell:
         # packets and bytes (to peers, to clients) of allocations that have ended: the metrics
         # add the live ones' to these
         self.closed_traffic = [0, 0, 0, 0]
+        self.first_run_secrets: tuple = ()  # make run's REST secret, kept across reloads
         if now_fn is None:
             self._wall_offset = time.time() - trio.current_time()
 
@@ -513,6 +514,8 @@ def reload_config(running: "Running", path: str) -> bool:
     except StartupError as exc:
         log.error("reload refused, the running configuration stays: %s", exc)
         return False
+    if shell.first_run_secrets and not new.auth.users and not new.auth.secrets:
+        new = attrs.evolve(new, auth=attrs.evolve(new.auth, secrets=shell.first_run_secrets))
     changed = [key for key, get in RESTART_KEYS.items() if get(old) != get(new)]
     new = attrs.evolve(new, server=attrs.evolve(new.server, listen=old.server.listen,
                                                  tls_listen=old.server.tls_listen,
@@ -587,7 +590,7 @@ async def service(running: "Running", notifier) -> None:
 
 
 async def run(config: Config, worker: WorkerSpec | None = None, config_path: str | None = None,
-              notifier=None) -> None:
+              notifier=None, first_run_secrets: tuple = ()) -> None:
     """Serve until SIGINT or SIGTERM, then stop cleanly.  SIGHUP reloads ``config_path``,
     SIGUSR1 drains.  ``notifier``: systemd's (turnd/notify.py), or None."""
     from .notify import Notifier
@@ -597,6 +600,7 @@ async def run(config: Config, worker: WorkerSpec | None = None, config_path: str
                                    signal.SIGUSR1) as signals:
         async with trio.open_nursery() as nursery:
             running = await nursery.start(functools.partial(serve, config, worker=worker))
+            running.shell.first_run_secrets = first_run_secrets
             relays = relay_sockets_needed(config)
             if files < relays + FILES_RESERVED:
                 log.warning("only %d open files allowed (RLIMIT_NOFILE): fewer than the %d relay "

@@ -45,11 +45,62 @@ ACCEPT_BATCH = 64
 _ACCEPT_CAPACITY_ERRNOS = {errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM}
 TLS_RECORD = 0x16  # the first byte of a TLS handshake record (a ClientHello)
 FIRST_READ = 4096
+# Frames from all TCP/TLS connections together between two turns of the rest (the UDP
+# engine above all): hundreds of connections full of tiny frames get this much, not 64 each.
+ROUND_BUDGET = 256
+RECV_BUFFER = 64 * 1024  # SO_RCVBUF of a connection: what a client can leave queued for us
+RATE_BUCKETS = 4096  # per-IP connection rate: token buckets indexed by a hash of the address
 
 STREAM_STATS = ("connections", "open", "tls_connections", "closed_not_stun", "closed_idle",
                 "closed_reset", "refused_per_ip", "refused_total", "accept_errors",
                 "closed_tls_no_cert", "tls_handshake_failed", "closed_bad_proxy",
-                "closed_untrusted_proxy")
+                "closed_untrusted_proxy", "closed_misuse", "refused_rate")
+
+
+class FrameBudget:
+    """ROUND_BUDGET frames for all connections together per scheduler round.  A reader asks
+    ``await grant()`` for how many it may handle now; when the round's budget is spent, the
+    first to ask waits for one round of everything else (a checkpoint) and refills it, the
+    others wait for that."""
+
+    def __init__(self) -> None:
+        self.left = ROUND_BUDGET
+        self.refilled: trio.Event | None = None
+
+    async def grant(self) -> int:
+        while self.left <= 0:
+            if self.refilled is None:
+                self.refilled = event = trio.Event()
+                await trio.lowlevel.checkpoint()  # everyone else, the engine too, runs first
+                self.left, self.refilled = ROUND_BUDGET, None
+                event.set()
+            else:
+                await self.refilled.wait()
+        return min(self.left, relay.STREAM_FRAMES)
+
+
+class RateBuckets:
+    """New connections per second per client address (IPv4 address or IPv6 /64), in bursts
+    of twice that: token buckets in a fixed-size table (no state per address)."""
+
+    def __init__(self, rate: float):
+        self.rate = rate
+        self.tokens = [0.0] * RATE_BUCKETS
+        self.last = [0.0] * RATE_BUCKETS
+
+    def ok(self, key: str, now: float) -> bool:
+        if self.rate <= 0:
+            return True
+        i = hash(key) % RATE_BUCKETS
+        burst = 2 * self.rate
+        tokens = min(burst, self.tokens[i] + (now - self.last[i]) * self.rate) \
+            if self.last[i] else burst
+        self.last[i] = now
+        if tokens < 1:
+            self.tokens[i] = tokens
+            return False
+        self.tokens[i] = tokens - 1
+        return True
 
 
 class _Closed(Exception):
@@ -110,6 +161,8 @@ class StreamServer:
         self.trusted = tuple(ipaddress.ip_network(n) for n in self.config.server.proxy_protocol)
         self.channel_end = (self.core.config.channel_max >> 8) + 1
         self.connections: set[relay.StreamClient] = set()
+        self.budget = FrameBudget()
+        self.rate = RateBuckets(self.config.limits.tcp_connection_rate)
 
     def reconfigure(self, config) -> None:
         """A reload: caps, deadlines and trusted proxies for what comes next."""
@@ -117,6 +170,7 @@ class StreamServer:
         self.config = config
         self.trusted = tuple(ipaddress.ip_network(n) for n in config.server.proxy_protocol)
         self.cap = tcp_cap(config)
+        self.rate.rate = config.limits.tcp_connection_rate
 
     def is_trusted_proxy(self, ip: str) -> bool:
         if not self.trusted:
@@ -167,11 +221,20 @@ class StreamServer:
         self.stats["connections"] += 1
         self.stats["open"] += 1
         conn.setblocking(False)
+        try:  # what a client can leave queued for turnd to work through is bounded
+            conn.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, RECV_BUFFER)
+        except OSError:
+            pass
         nursery.start_soon(self.connection, conn, addr, tls, proxied, key)
 
     def _claim(self, ip: str) -> str | None:
-        """Count one more connection of ``ip``'s client key; None when it has its cap."""
+        """Count one more connection of ``ip``'s client key; None when it has its cap or
+        opens connections faster than limits.tcp_connection_rate."""
         key = client_key(ip)
+        if not self.rate.ok(key, trio.current_time()):
+            self._refuse("refused_rate", "a client address opens connections faster than "
+                         f"limits.tcp_connection_rate ({self.config.limits.tcp_connection_rate}/s)")
+            return None
         cap = self.config.limits.tcp_connections_per_ip
         if self.per_ip.get(key, 0) >= cap:
             self._refuse("refused_per_ip", f"a client address has limits.tcp_connections_per_ip "
@@ -294,18 +357,26 @@ class StreamServer:
         shell = self.shell
         slow = functools.partial(self._slow_path, ft, sc)
         forward = shell.forwarder.from_stream_untrusted
+        budget = self.budget
         with trio.CancelScope(deadline=deadline) as idle:
             while True:
                 try:
-                    while True:
-                        handled = forward(sc, framer, shell.now(), slow)
+                    while framer.buffered:
+                        requests = sc.requests
+                        handled = forward(sc, framer, shell.now(), slow, await budget.grant())
                         if not handled:
                             break
-                        idle.deadline = trio.current_time() + limits.tcp_idle_timeout
+                        budget.left -= handled
+                        # Alive: it relays, or asks something.  Frames that do nothing
+                        # (indications without an allocation) don't keep it open.
+                        if sc.alloc is not None or sc.requests != requests:
+                            idle.deadline = trio.current_time() + limits.tcp_idle_timeout
                         await trio.lowlevel.checkpoint()  # a burst of tiny frames takes turns
+                except relay.StreamMisuse:
+                    raise _Closed("closed_misuse") from None
                 except StunDecodeError:
                     raise _Closed("closed_not_stun") from None
-                while len(sc.buffer) >= relay.STREAM_BUFFER and not sc.closed:
+                while len(sc.buffer) + sc.writing >= relay.STREAM_BUFFER and not sc.closed:
                     sc.room = trio.Event()  # replies wait for the client to read: no more
                     await sc.room.wait()    # requests are taken meanwhile
                 if sc.closed:
@@ -323,6 +394,8 @@ class StreamServer:
 
     def _slow_path(self, ft: FiveTuple, sc: relay.StreamClient, frame: bytes) -> None:
         # An exception here (a bug) closes this connection (see ``connection``).
+        if not (frame[0] & 0x01 or frame[1] & 0x10):  # the class bits: a request
+            sc.requests += 1
         self.shell.execute(self.core.handle_untrusted(frame, ft, self.shell.now()), sc)
 
     async def _writer(self, sc: relay.StreamClient, stream) -> None:
@@ -333,7 +406,7 @@ class StreamServer:
             while sc.buffer:
                 data = bytes(sc.buffer)
                 sc.buffer.clear()
-                sc.writing = True
+                sc.writing = len(data)  # in flight: still counted against STREAM_BUFFER
                 await stream.send_all(data)
-                sc.writing = False
+                sc.writing = 0
                 sc.room.set()

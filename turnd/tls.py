@@ -35,10 +35,15 @@ def load_context(tls: TlsConfig, now: datetime.datetime | None = None) -> ssl.SS
         raise ConfigError("tls.cert", f"{tls.cert}: expired on {cert.not_valid_after_utc:%Y-%m-%d}")
     if cert.not_valid_before_utc > now:
         raise ConfigError("tls.cert", f"{tls.cert}: not valid before {cert.not_valid_before_utc:%Y-%m-%d}")
+    with open(tls.key, "rb") as f:
+        key_pem = f.read()
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     context.minimum_version = ssl.TLSVersion.TLSv1_2
     try:
-        context.load_cert_chain(tls.cert, tls.key)
+        # From the very bytes checked above (a renewal writing the files meanwhile can't
+        # slip another certificate in): ssl loads from paths, so from memory files.
+        with _memfile(pem) as cert_path, _memfile(key_pem) as key_path:
+            context.load_cert_chain(cert_path, key_path)
     except ssl.SSLError as exc:
         text = str(exc).lower()
         reason = "the key does not match the certificate" if "mismatch" in text \
@@ -46,6 +51,20 @@ def load_context(tls: TlsConfig, now: datetime.datetime | None = None) -> ssl.SS
             else f"cannot load the key: {exc.reason or exc}"
         raise ConfigError("tls.key", f"{tls.key}: {reason}") from None
     return context
+
+
+class _memfile:
+    """A path to ``data`` that lives in memory only (a memfd; nothing on disk)."""
+
+    def __init__(self, data: bytes):
+        self.fd = os.memfd_create("turnd-tls", os.MFD_CLOEXEC)
+        os.write(self.fd, data)
+
+    def __enter__(self) -> str:
+        return f"/proc/self/fd/{self.fd}"
+
+    def __exit__(self, *exc) -> None:
+        os.close(self.fd)
 
 
 def key_readable_by_others(path: str) -> bool:

@@ -39,7 +39,8 @@ NOT_FOR_WORKERS = ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID", "LISTEN_FDS
 RESTART_DELAY = (1.0, 30.0)  # after a crash; doubled while a worker keeps crashing
 
 
-async def run_master(config: Config, config_path: str, log_level: str, notifier=None) -> None:
+async def run_master(config: Config, config_path: str, log_level: str, notifier=None,
+                     first_run: str | None = None) -> None:
     from .notify import Notifier
     notifier = notifier or Notifier({})
     count = config.server.workers
@@ -70,7 +71,8 @@ async def run_master(config: Config, config_path: str, log_level: str, notifier=
         delay = RESTART_DELAY[0]
         while not stopping.is_set():
             cmd = [sys.executable, "-m", "turnd", "serve", "--config", config_path,
-                   "--log-level", log_level, "--worker", spec.to_json()]
+                   "--log-level", log_level, "--worker", spec.to_json(),
+                   *(("--first-run-secret", first_run) if first_run else ())]
             started = trio.current_time()
             env = {k: v for k, v in os.environ.items() if k not in NOT_FOR_WORKERS}
             proc = await trio.lowlevel.open_process(

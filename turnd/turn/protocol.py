@@ -242,7 +242,7 @@ class TurnServer:
     # --- entry points ------------------------------------------------------------
 
     def handle_untrusted(self, data: bytes, ft: FiveTuple, now: float) -> list:
-        if self.live.live(ft.client):
+        if ft.transport == "udp" and self.live.live(ft.client):
             # One of turnd's own relays (turnd reached itself, e.g. through another of the
             # host's addresses): never answered, so no loop and no way in.
             self.count("dropped_own_relay")
