@@ -135,7 +135,13 @@ def user() -> None:
 
 def _users_target(users_file: str | None, config_path: str) -> tuple[str, str]:
     """(users file path, realm)."""
-    config = _load_or_exit(config_path) if os.path.exists(config_path) or not users_file else Config()
+    config = Config()
+    if os.path.exists(config_path) or not users_file:
+        try:
+            config = load_config(config_path, read_users=False)
+        except ConfigError as exc:
+            click.echo(f"config error: {exc}", err=True)
+            sys.exit(EXIT_CONFIG)
     path = users_file or config.auth.users_file
     if not path:
         click.echo(f"turnd: {config_path} sets no [auth] users_file; give --users-file", err=True)
@@ -176,6 +182,30 @@ def user_delete(name: str, users_file: str | None, config_path: str) -> None:
         click.echo(f"turnd: no user {name!r} in {path}", err=True)
         sys.exit(EXIT_CONFIG)
     click.echo(f"deleted {name!r} from {path}; apply with: turnd reload")
+
+
+@main.command("migrate-coturn")
+@click.argument("coturn_conf", type=click.Path(dir_okay=False, exists=True))
+@click.option("-o", "--output", default=None, type=click.Path(dir_okay=False),
+              help="Write the turnd config here (default: print it).")
+def migrate_coturn(coturn_conf: str, output: str | None) -> None:
+    """Write a turnd.toml equivalent to coturn's turnserver.conf, and list, line by line,
+    what could not be mapped and why."""
+    from .migrate import parse_coturn, to_toml
+    with open(coturn_conf, errors="replace") as f:
+        migration = parse_coturn(f.read())
+    text = to_toml(migration)
+    if output:
+        fd = os.open(output, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o640)
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        click.echo(f"wrote {output}; check it with: turnd check-config {output}", err=True)
+    else:
+        click.echo(text, nl=False)
+    if migration.notes:
+        click.echo(f"not mapped ({len(migration.notes)}):", err=True)
+        for note in migration.notes:
+            click.echo(f"  {note}", err=True)
 
 
 @main.command("check-config")

@@ -483,7 +483,9 @@ def parse_config(data: dict[str, Any]) -> Config:
     return config
 
 
-def load_config(path: str) -> Config:
+def load_config(path: str, read_users: bool = True) -> Config:
+    """The config in ``path``; with ``read_users``, auth.users_file's users are read in
+    (else only its path is resolved: ``turnd user add`` makes the file)."""
     try:
         with open(path, "rb") as f:
             data = tomllib.load(f)
@@ -494,6 +496,8 @@ def load_config(path: str) -> Config:
     config = parse_config(data)
     if config.auth.users_file:
         users_file = os.path.join(os.path.dirname(os.path.abspath(path)), config.auth.users_file)
+        if not read_users:
+            return attrs.evolve(config, auth=attrs.evolve(config.auth, users_file=users_file))
         more = read_users_file(users_file)
         known = {u for u, _ in config.auth.users}
         for user, _ in more:
