@@ -60,23 +60,16 @@ def turn_config(allow=("127.0.0.1/32", "::1/128"), relay=None, limits=None, **se
                   peers=PeersConfig(allow=tuple(allow)), limits=limits or LimitsConfig())
 
 
-class UdpTurn:
-    """A TURN client over a real UDP socket."""
-
-    def __init__(self, sock, server, client: TurnClient):
-        self.sock, self.server, self.client = sock, server, client
-
-    @classmethod
-    async def connect(cls, server, user="alice", password="alicepw", host=None):
-        sock = await udp_client(host or server[0])
-        return cls(sock, server, TurnClient(user, password))
+class TurnCalls:
+    """Requests and answers (a 401 or 438 teaches the realm and nonce, then once more),
+    over ``_send`` and ``_next`` of a transport."""
 
     async def call(self, method, attributes=()) -> Message:
         for _ in range(2):
             msg, data = self.client.request(method, attributes)
-            await self.sock.sendto(data, self.server)
+            await self._send(data)
             while True:
-                reply, _ = await self.sock.recvfrom(65536)
+                reply = await self._next()
                 if reply[0] < 0x40:
                     resp = self.client.learn(reply)
                     if resp.transaction_id == msg.transaction_id:
@@ -99,11 +92,43 @@ class UdpTurn:
         resp = await self.call(c.CHANNEL_BIND, [(c.CHANNEL_NUMBER, number), (c.XOR_PEER_ADDRESS, peer)])
         assert resp.cls == c.SUCCESS, resp
 
+
+class UdpTurn(TurnCalls):
+    """A TURN client over a real UDP socket."""
+
+    def __init__(self, sock, server, client: TurnClient):
+        self.sock, self.server, self.client = sock, server, client
+
+    @classmethod
+    async def connect(cls, server, user="alice", password="alicepw", host=None):
+        sock = await udp_client(host or server[0])
+        return cls(sock, server, TurnClient(user, password))
+
+    async def _send(self, data: bytes) -> None:
+        await self.sock.sendto(data, self.server)
+
+    async def _next(self) -> bytes:
+        return (await self.sock.recvfrom(65536))[0]
+
     async def recv(self, timeout=2.0) -> bytes | None:
         with trio.move_on_after(timeout):
             data, _ = await self.sock.recvfrom(65536)
             return data
         return None
+
+
+async def relay_some(turn: "UdpTurn", peer, relayed, up: int, up_size: int, down: int,
+                     down_size: int, number: int = 0x4001) -> None:
+    """Bind channel ``number`` to ``peer``; relay ``up`` datagrams of ``up_size`` bytes to it
+    and ``down`` of ``down_size`` back, each waited for."""
+    from .turn_client import channel_data
+    await turn.bind(number, peer.getsockname())
+    for _ in range(up):
+        await turn.sock.sendto(channel_data(number, b"x" * up_size), turn.server)
+        await peer.recvfrom(65536)
+    for _ in range(down):
+        await peer.sendto(b"y" * down_size, relayed)
+        await turn.recv()
 
 
 async def recv_or_none(sock, timeout=0.3):
@@ -112,7 +137,7 @@ async def recv_or_none(sock, timeout=0.3):
     return None
 
 
-class StreamTurn:
+class StreamTurn(TurnCalls):
     """A TURN client over a real TCP or TLS stream (frames read with turnd's StreamFramer,
     which is tested on its own)."""
 
@@ -150,25 +175,13 @@ class StreamTurn:
                 self.framer.feed(data)
         return None
 
-    async def call(self, method, attributes=()) -> Message:
-        for _ in range(2):
-            msg, data = self.client.request(method, attributes)
-            await self.stream.send_all(data)
-            while True:
-                reply = await self.frame()
-                assert reply is not None, "no answer"
-                if reply[0] < 0x40:
-                    resp = self.client.learn(reply)
-                    if resp.transaction_id == msg.transaction_id:
-                        break
-            err = resp.get(c.ERROR_CODE)
-            if err is None or err.code not in (401, 438):
-                return resp
-        return resp
+    async def _send(self, data: bytes) -> None:
+        await self.stream.send_all(data)
 
-    allocate = UdpTurn.allocate
-    permit = UdpTurn.permit
-    bind = UdpTurn.bind
+    async def _next(self) -> bytes:
+        reply = await self.frame()
+        assert reply is not None, "no answer"
+        return reply
 
     async def send(self, data: bytes) -> None:
         await self.stream.send_all(data)

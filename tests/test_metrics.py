@@ -18,8 +18,7 @@ from turnd.server import serve
 from turnd.stun import constants as c
 
 from .daemon import Turnd
-from .helpers import StreamTurn, UdpTurn, turn_config, udp_client
-from .turn_client import channel_data
+from .helpers import StreamTurn, UdpTurn, relay_some, turn_config, udp_client
 
 
 def scrape_sync(addr) -> dict:
@@ -48,13 +47,7 @@ async def test_a_scrape_shows_allocations_traffic_refusals_and_connections(nurse
         udp = await UdpTurn.connect(running.udp[0])
         relayed = await udp.allocate()
         peer = await udp_client("127.0.0.1")
-        await udp.bind(0x4001, peer.getsockname())
-        for _ in range(7):
-            await udp.sock.sendto(channel_data(0x4001, b"x" * 100), udp.server)
-            await peer.recvfrom(2048)
-        for _ in range(4):
-            await peer.sendto(b"y" * 50, relayed)
-            await udp.recv()
+        await relay_some(udp, peer, relayed, 7, 100, 4, 50)
         tcp = await StreamTurn.connect(running.tcp[0])
         await tcp.allocate()
         wrong = await UdpTurn.connect(running.udp[0], "alice", "wrong")

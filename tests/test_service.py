@@ -20,7 +20,7 @@ from turnd.stun import constants as c
 from turnd.stun import decode_untrusted
 
 from .daemon import Turnd
-from .helpers import UdpTurn, udp_client
+from .helpers import UdpTurn, relay_some, udp_client
 from .turn_client import channel_data
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -235,13 +235,7 @@ async def test_one_line_per_allocation_event_with_counts_and_a_truncated_client(
         turn = await UdpTurn.connect(("127.0.0.1", d.port))
         relayed = await turn.allocate()
         peer = await udp_client("127.0.0.1")
-        await turn.bind(0x4001, peer.getsockname())
-        for i in range(5):
-            await turn.sock.sendto(channel_data(0x4001, b"x" * 100), turn.server)
-            await peer.recvfrom(2048)
-        for i in range(3):
-            await peer.sendto(b"y" * 10, relayed)
-            await turn.recv()
+        await relay_some(turn, peer, relayed, 5, 100, 3, 10)
         await turn.call(c.REFRESH, [(c.LIFETIME, 0)])
         d.wait_for("deleted")
     finally:

@@ -37,6 +37,7 @@ from .sockets import local_address
 from .stun.errors import StunDecodeError
 from .stun.framing import StreamFramer
 from .turn.protocol import FiveTuple, client_key
+from .turn.ratelimit import TokenBuckets
 
 log = logging.getLogger("turnd")
 
@@ -77,30 +78,6 @@ class FrameBudget:
             else:
                 await self.refilled.wait()
         return min(self.left, relay.STREAM_FRAMES)
-
-
-class RateBuckets:
-    """New connections per second per client address (IPv4 address or IPv6 /64), in bursts
-    of twice that: token buckets in a fixed-size table (no state per address)."""
-
-    def __init__(self, rate: float):
-        self.rate = rate
-        self.tokens = [0.0] * RATE_BUCKETS
-        self.last = [0.0] * RATE_BUCKETS
-
-    def ok(self, key: str, now: float) -> bool:
-        if self.rate <= 0:
-            return True
-        i = hash(key) % RATE_BUCKETS
-        burst = 2 * self.rate
-        tokens = min(burst, self.tokens[i] + (now - self.last[i]) * self.rate) \
-            if self.last[i] else burst
-        self.last[i] = now
-        if tokens < 1:
-            self.tokens[i] = tokens
-            return False
-        self.tokens[i] = tokens - 1
-        return True
 
 
 class _Closed(Exception):
@@ -162,7 +139,7 @@ class StreamServer:
         self.channel_end = (self.core.config.channel_max >> 8) + 1
         self.connections: set[relay.StreamClient] = set()
         self.budget = FrameBudget()
-        self.rate = RateBuckets(self.config.limits.tcp_connection_rate)
+        self.rate = TokenBuckets(RATE_BUCKETS)  # new connections per client address
 
     def reconfigure(self, config) -> None:
         """A reload: caps, deadlines and trusted proxies for what comes next."""
@@ -170,7 +147,6 @@ class StreamServer:
         self.config = config
         self.trusted = tuple(ipaddress.ip_network(n) for n in config.server.proxy_protocol)
         self.cap = tcp_cap(config)
-        self.rate.rate = config.limits.tcp_connection_rate
 
     def is_trusted_proxy(self, ip: str) -> bool:
         if not self.trusted:
@@ -231,7 +207,7 @@ class StreamServer:
         """Count one more connection of ``ip``'s client key; None when it has its cap or
         opens connections faster than limits.tcp_connection_rate."""
         key = client_key(ip)
-        if not self.rate.ok(key, trio.current_time()):
+        if not self.rate.ok(key, self.shell.now(), self.config.limits.tcp_connection_rate):
             self._refuse("refused_rate", "a client address opens connections faster than "
                          f"limits.tcp_connection_rate ({self.config.limits.tcp_connection_rate}/s)")
             return None

@@ -13,7 +13,6 @@ from __future__ import annotations
 import math
 import random
 import secrets
-from array import array
 from collections import deque
 from typing import NamedTuple, Protocol
 
@@ -28,6 +27,7 @@ from .allocation import Allocation, Channel, Relay
 from .nonce import FEATURE_PASSWORD_ALGORITHMS, FEATURE_USERNAME_ANONYMITY, NonceMaker
 from .policy import PeerPolicy, embedded_ipv4_ints, parse_ip
 from .ports import PortPool
+from .ratelimit import TokenBuckets
 from .registry import LiveRelays
 from .wheel import ExpiryWheel
 
@@ -216,8 +216,7 @@ class TurnServer:
         self.own_relay_ips = frozenset(set(config.relay_addresses) | {
             self.external[ip] for ip in config.relay_addresses if ip in self.external})
         # Token buckets for 401s, indexed by a hash of the source IP: fixed memory.
-        self._tokens = array("d", bytes(8 * RATE_BUCKETS))
-        self._last = array("d", bytes(8 * RATE_BUCKETS))
+        self._buckets = TokenBuckets(RATE_BUCKETS)
 
     def reconfigure(self, config: ProtocolConfig, credentials=None,
                     policy: PeerPolicy | None = None) -> None:
@@ -402,17 +401,7 @@ class TurnServer:
 
     def _rate_ok(self, ft: FiveTuple, now: float) -> bool:
         """A token bucket per source IP in a fixed-size table: no state per request."""
-        rate = self.config.unauth_rate
-        if not rate:
-            return True  # limits.unauthenticated_rate = 0: no limit
-        i = hash(ft.client[0]) % RATE_BUCKETS
-        tokens = min(2 * rate, self._tokens[i] + (now - self._last[i]) * rate)
-        self._last[i] = now
-        if tokens < 1:
-            self._tokens[i] = tokens
-            return False
-        self._tokens[i] = tokens - 1
-        return True
+        return self._buckets.ok(ft.client[0], now, self.config.unauth_rate)
 
     def _authenticate(self, msg: Message, ft: FiveTuple, now: float) -> tuple[str, bytes, str]:
         # RFC 8489 §9.2.4, in its order.
