@@ -188,3 +188,36 @@ class StreamTurn(TurnCalls):
 
     async def aclose(self) -> None:
         await self.stream.aclose()
+
+
+def mass_allocate(running, n: int) -> int:
+    """``n`` allocations made through the running daemon's core and shell, as if ``n``
+    clients on 10.x.y.z had each allocated over UDP (their answers go nowhere).  Each holds a
+    real relay socket: fewer when the open-files limit can't take ``n``.  Returns how many."""
+    import resource
+    import socket
+
+    from turnd.server import UdpOrigin
+    from turnd.turn.protocol import FiveTuple, Reply
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    n = min(n, hard - 1000)
+    shell, core = running.shell, running.core
+    # the daemon's own IPv4 listen socket (the engine knows its clients by it)
+    out = next(h[1] for h in shell.engine.handlers.values()
+               if h[0] and h[1].family == socket.AF_INET)  # (h[0]: a listener's handler)
+    made = 0
+    for i in range(n):
+        addr = (f"10.{i >> 16 & 255}.{i >> 8 & 255}.{i & 255}", 40000)
+        ft = FiveTuple("udp", addr, running.udp[0])
+        client = TurnClient("alice", "alicepw")
+        for _ in range(2):
+            _, data = client.request(c.ALLOCATE, [(c.REQUESTED_TRANSPORT, 17)])
+            actions = core.handle_untrusted(data, ft, shell.now())
+            shell.execute(actions, UdpOrigin(shell, out, addr))
+            reply = next(a.data for a in actions if isinstance(a, Reply))
+            if client.learn(reply).cls == c.SUCCESS:
+                made += 1
+                break
+    return made

@@ -95,7 +95,7 @@ def test_serve_stops_cleanly_on_sigterm_and_sigint(tmp_path):
     port = probe.getsockname()[1]
     probe.close()
     path = tmp_path / "t.toml"
-    path.write_text(f'[server]\nlisten = ["127.0.0.1:{port}"]\n')
+    path.write_text(f'[server]\nlisten = ["127.0.0.1:{port}"]\n[metrics]\nlisten = ""\n')
     for sig in (signal.SIGTERM, signal.SIGINT):
         proc = subprocess.Popen(_turnd("serve", "--config", str(path)), stderr=subprocess.PIPE,
                                 text=True)
@@ -122,7 +122,7 @@ def test_serve_port_in_use_is_one_line(tmp_path):
     taken.bind(("127.0.0.1", 0))
     port = taken.getsockname()[1]
     path = tmp_path / "t.toml"
-    path.write_text(f'[server]\nlisten = ["127.0.0.1:{port}"]\n')
+    path.write_text(f'[server]\nlisten = ["127.0.0.1:{port}"]\n[metrics]\nlisten = ""\n')
     try:
         proc = subprocess.run(_turnd("serve", "--config", str(path)), capture_output=True,
                               text=True, timeout=30)

@@ -31,7 +31,7 @@ def config_text(users='alice = "alicepw"', extra="", ports="45000-45499",
                 peers='allow = ["127.0.0.1/32"]') -> str:
     return (f'[server]\nlisten = ["127.0.0.1:0"]\nrealm = "turnd.test"\n'
             f'[auth]\nusers = {{ {users} }}\n[relay]\nports = "{ports}"\n'
-            f'[peers]\n{peers}\n{extra}')
+            f'[peers]\n{peers}\n{extra}' + ("" if "[metrics]" in extra else '[metrics]\nlisten = ""\n'))
 
 
 class FakeSystemd:
@@ -285,3 +285,40 @@ def test_the_unit_file_verifies(tmp_path):
     score = re.search(r"Overall exposure level for turnd.service: ([\d.]+) (\w+)", out.stdout)
     assert score, out.stdout + out.stderr
     assert float(score.group(1)) <= 2.0, score.group(0)  # "OK" or better
+
+
+@pytest.mark.parametrize("mode", ["truncated", "hashed", "full"])
+async def test_client_addresses_in_the_logs_are_as_private_as_configured(tmp_path, mode):
+    """By default no client address appears whole (nor its port); REST user names lose their
+    expiry; "hashed" is stable for one caller; "full" shows everything."""
+    from turnd.tools import rest_credential
+    import time as _time
+    extra = f'[log]\nclient_addresses = "{mode}"\n' if mode != "truncated" else ""
+    text = config_text(extra=extra).replace("[auth]\n", '[auth]\nsecrets = ["s"]\n')
+    d = Turnd(tmp_path, text)
+    try:
+        user, password = rest_credential("s", "web-7", 3600, _time.time())
+        turn = await UdpTurn.connect(("127.0.0.1", d.port), user, password)
+        await turn.allocate()
+        again = await UdpTurn.connect(("127.0.0.1", d.port), user, password)
+        await again.allocate()
+        wrong = await UdpTurn.connect(("127.0.0.1", d.port), user, "nope")
+        await wrong.call(c.ALLOCATE, [(c.REQUESTED_TRANSPORT, 17)])
+        d.wait_for("refused with 401")
+        d.wait_for(r"allocation created.*\n.*allocation created")
+    finally:
+        d.stop()
+    log = d.text()
+    ports = [s.sock.getsockname()[1] for s in (turn, again, wrong)]
+    expiry = user.split(":")[0]
+    assert expiry not in log and "user=web-7" in log and "unknown user 'web-7'" in log
+    clients = re.findall(r"client=(\S+)", log)
+    assert len(clients) == 2
+    if mode == "full":
+        assert clients == [f"127.0.0.1:{ports[0]}", f"127.0.0.1:{ports[1]}"]
+    else:
+        assert not any(str(p) in log for p in ports)
+        if mode == "truncated":
+            assert clients == ["127.0.0.0/24"] * 2
+        else:  # one caller's lines can be followed: the same IP, the same hash
+            assert clients[0] == clients[1] and re.fullmatch(r"h:[0-9a-f]{12}", clients[0])

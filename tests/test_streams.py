@@ -420,7 +420,8 @@ async def test_sighup_reloads_the_certificate_for_new_connections_and_keeps_sess
     conf.write_text(f'[server]\nlisten = ["127.0.0.1:{port}"]\ntls_listen = ["127.0.0.1:{tls_port}"]\n'
                     f'realm = "turnd.test"\n[auth]\nusers = {{ alice = "alicepw" }}\n'
                     f'[relay]\nports = "44000-44099"\n[peers]\nallow = ["127.0.0.1/32"]\n'
-                    f'[tls]\ncert = "{live / "turnd.crt"}"\nkey = "{live / "turnd.key"}"\n')
+                    f'[tls]\ncert = "{live / "turnd.crt"}"\nkey = "{live / "turnd.key"}"\n'
+                    '[metrics]\nlisten = ""\n')
     proc = await trio.lowlevel.open_process([sys.executable, "-m", "turnd", "serve", "--config", str(conf)],
                                             stderr=subprocess.PIPE)
     log = b""

@@ -28,7 +28,8 @@ class Daemon(Turnd):
     def __init__(self, tmp_path, workers: int = 2, extra: str = ""):
         super().__init__(tmp_path, f'[server]\nlisten = ["127.0.0.1:0"]\nrealm = "turnd.test"\n'
                          f'workers = {workers}\n[auth]\nusers = {{ alice = "alicepw", bob = "bobpw" }}\n'
-                         f'[relay]\nports = "{PORTS[0]}-{PORTS[1]}"\n{extra}')
+                         f'[relay]\nports = "{PORTS[0]}-{PORTS[1]}"\n{extra}'
+                         + ("" if "[metrics]" in extra else '[metrics]\nlisten = ""\n'))
         for i in range(workers):
             self.wait_for(rf"worker {i} started")
 

@@ -288,3 +288,76 @@ def reload(pid: int | None, config_path: str | None) -> None:
     """Re-read the configuration and TLS certificate (SIGHUP); calls go on."""
     import signal as _signal
     _signal_daemon(_signal.SIGHUP, "reloading", pid, config_path)
+
+
+@main.command()
+@click.option("--config", "config_path", default="/etc/turnd/turnd.toml", show_default=True,
+              help="Where the metrics listener is ([metrics] listen) and the admin token.")
+@click.option("--json", "as_json", is_flag=True, help="Print the JSON as turnd gives it.")
+@click.option("--user", default=None, help="Only this user's allocations.")
+@click.option("--close", "close_id", default=None, metavar="ID", help="End this allocation now.")
+def sessions(config_path: str, as_json: bool, user: str | None, close_id: str | None) -> None:
+    """List the live allocations (or end one) of the running turnd."""
+    import json as _json
+    import urllib.error
+    import urllib.parse
+    import urllib.request
+    try:
+        config = load_config(config_path, read_users=False)
+    except ConfigError as exc:
+        click.echo(f"config error: {exc}", err=True)
+        sys.exit(EXIT_CONFIG)
+    if config.metrics.listen is None:
+        click.echo(f"turnd: {config_path} has no [metrics] listen: sessions are served there",
+                   err=True)
+        sys.exit(EXIT_CONFIG)
+    ep = config.metrics.listen
+    host = {"0.0.0.0": "127.0.0.1", "::": "::1"}.get(ep.host, ep.host)
+    base = f"http://{'[' + host + ']' if ':' in host else host}:{ep.port}"
+    headers = {}
+    if config.metrics.admin_token_file and os.path.exists(config.metrics.admin_token_file):
+        with open(config.metrics.admin_token_file) as f:
+            headers["Authorization"] = "Bearer " + f.read().strip()
+    if close_id:
+        req = urllib.request.Request(f"{base}/sessions/close?id={urllib.parse.quote(close_id)}",
+                                     method="POST", headers=headers, data=b"")
+    else:
+        query = f"?user={urllib.parse.quote(user)}" if user else ""
+        req = urllib.request.Request(f"{base}/sessions{query}", headers=headers)
+    try:
+        with urllib.request.urlopen(req, timeout=30) as resp:
+            body = resp.read()
+    except urllib.error.HTTPError as exc:
+        if close_id and exc.code == 404:
+            click.echo(f"turnd: no allocation {close_id!r}", err=True)
+        else:
+            click.echo(f"turnd: {base}: {exc.code} {exc.read().decode(errors='replace').strip()}",
+                       err=True)
+        sys.exit(EXIT_STARTUP)
+    except OSError as exc:
+        click.echo(f"turnd: cannot reach turnd at {base}: {getattr(exc, 'reason', exc)}", err=True)
+        sys.exit(EXIT_STARTUP)
+    if close_id:
+        click.echo(f"closed {close_id}")
+        return
+    if as_json:
+        click.echo(body.decode())
+        return
+    rows = _json.loads(body)["sessions"]
+    click.echo(f"{'ID':<10} {'USER':<24} {'CLIENT':<28} {'TRANSP':<6} {'RELAYED':<28} "
+               f"{'PERM':>4} {'CHAN':>4} {'TO PEERS':>16} {'TO CLIENT':>16} {'AGE':>6} {'LEFT':>5}")
+    for r in rows:
+        click.echo(f"{r['id']:<10} {r['user'][:24]:<24} {r['client']:<28} {r['transport']:<6} "
+                   f"{','.join(r['relayed']):<28} {r['permissions']:>4} {r['channels']:>4} "
+                   f"{_volume(r['to_peers_packets'], r['to_peers_bytes']):>16} "
+                   f"{_volume(r['to_client_packets'], r['to_client_bytes']):>16} "
+                   f"{r['age']:>6} {r['expires_in']:>5}")
+    click.echo(f"{len(rows)} allocations")
+
+
+def _volume(packets: int, size: int) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if size < 1000 or unit == "GB":
+            return f"{packets}p/{size:.0f}{unit}" if unit == "B" else f"{packets}p/{size:.1f}{unit}"
+        size /= 1000
+    return ""

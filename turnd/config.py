@@ -99,12 +99,13 @@ class LimitsConfig:
 class LogConfig:
     level: str = "info"     # debug, info, warning, error
     format: str = "text"    # "text" or "json" (one object per line)
-    client_addresses: str = "truncated"  # in allocation events: "full", "truncated", "none"
+    client_addresses: str = "truncated"  # in logs: "truncated", "hashed", "full", "none"
 
 
 @attrs.frozen
 class MetricsConfig:
     listen: Endpoint | None = None  # Prometheus /metrics; None: off (a file's default: METRICS_DEFAULT)
+    admin_token_file: str = ""      # /sessions from other than loopback: Bearer this token
 
 
 METRICS_DEFAULT = "127.0.0.1:9641"  # coturn's prometheus port
@@ -360,17 +361,20 @@ def _parse_log(raw: Any) -> LogConfig:
     if fmt not in ("text", "json"):
         raise ConfigError("log.format", f'"{fmt}": must be "text" or "json"')
     clients = s.get("client_addresses", str, "truncated")
-    if clients not in ("full", "truncated", "none"):
-        raise ConfigError("log.client_addresses", f'"{clients}": must be "full", "truncated" or "none"')
+    if clients not in ("full", "truncated", "hashed", "none"):
+        raise ConfigError("log.client_addresses",
+                          f'"{clients}": must be "truncated", "hashed", "full" or "none"')
     return LogConfig(level=level, format=fmt, client_addresses=clients)
 
 
 def _parse_metrics(raw: Any) -> MetricsConfig:
     s = _Section(raw, "metrics")
-    s.check_unknown({"listen"})
+    s.check_unknown({"listen", "admin_token_file"})
+    token_file = s.get("admin_token_file", str, "")
     if "listen" not in s.data:
-        return MetricsConfig(listen=parse_endpoint(METRICS_DEFAULT, "metrics.listen"))
-    return MetricsConfig(listen=_optional_endpoint(s, "listen"))
+        return MetricsConfig(listen=parse_endpoint(METRICS_DEFAULT, "metrics.listen"),
+                             admin_token_file=token_file)
+    return MetricsConfig(listen=_optional_endpoint(s, "listen"), admin_token_file=token_file)
 
 
 def _parse_relay(raw: Any) -> RelayConfig:
@@ -494,6 +498,10 @@ def load_config(path: str, read_users: bool = True) -> Config:
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(path, f"not valid TOML: {exc}") from None
     config = parse_config(data)
+    here = os.path.dirname(os.path.abspath(path))
+    if config.metrics.admin_token_file:
+        config = attrs.evolve(config, metrics=attrs.evolve(
+            config.metrics, admin_token_file=os.path.join(here, config.metrics.admin_token_file)))
     if config.auth.users_file:
         users_file = os.path.join(os.path.dirname(os.path.abspath(path)), config.auth.users_file)
         if not read_users:

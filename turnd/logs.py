@@ -9,10 +9,18 @@ format appends them as ``key=value``, the JSON format as keys.
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import json
 import logging
 import os
+import secrets
 import sys
+import time
+
+# The key of "hashed" client addresses: random per process, so the hashes can't be
+# reversed by trying every address without it; a day's key comes from it and the date.
+_HASH_SECRET = secrets.token_bytes(32)
 
 PRIORITY = {logging.DEBUG: 7, logging.INFO: 6, logging.WARNING: 4, logging.ERROR: 3,
             logging.CRITICAL: 2}
@@ -81,14 +89,17 @@ def setup_logging(level: str, fmt: str, who: str = "turnd") -> None:
     logging.getLogger("turnd").setLevel(level.upper())
 
 
-def client_text(addr: tuple, mode: str) -> str:
+def client_text(addr: tuple, mode: str, now: float | None = None) -> str:
     """A client's address as ``[log] client_addresses`` allows: "full"; "truncated" (the
-    default: IPv4 /24, IPv6 /48, no port: a network, not a person); "none"."""
+    default: IPv4 /24, IPv6 /48, no port: a network, not a person); "hashed" (a keyed hash of
+    the IP, stable for a day, so one caller's lines can be followed but not named); "none"."""
     if mode == "full":
         ip, port = addr[0], addr[1]
         return f"[{ip}]:{port}" if ":" in ip else f"{ip}:{port}"
     if mode == "none":
         return "-"
+    if mode == "hashed":
+        return "h:" + _daily_hash(addr[0], time.time() if now is None else now)
     ip = addr[0]
     if ":" in ip:
         import ipaddress
@@ -98,3 +109,9 @@ def client_text(addr: tuple, mode: str) -> str:
 
 def address_text(addr: tuple) -> str:
     return f"[{addr[0]}]:{addr[1]}" if ":" in addr[0] else f"{addr[0]}:{addr[1]}"
+
+
+def _daily_hash(ip: str, now: float) -> str:
+    day = int(now // 86400).to_bytes(4, "big")
+    key = hmac.new(_HASH_SECRET, day, hashlib.sha256).digest()
+    return hmac.new(key, ip.encode(), hashlib.sha256).hexdigest()[:12]

@@ -185,20 +185,85 @@ def open_listener(endpoint):
     return trio.SocketListener(trio.socket.from_stdlib_socket(sock))
 
 
-async def serve_http(listener: trio.SocketListener, registry: CollectorRegistry) -> None:
-    """GET /metrics (and /) answer the metrics; anything else 404 or 405.  One request per
-    connection, within MAX_REQUEST bytes and REQUEST_TIMEOUT seconds."""
+class Admin:
+    """The admin's side of the metrics listener: ``/sessions`` (the live allocations, JSON)
+    and ``POST /sessions/close?id=ID``.  Loopback clients may; anyone else needs
+    ``Authorization: Bearer <the token in [metrics] admin_token_file>``."""
+
+    CHUNK = 500  # allocations formatted between two checkpoints: listing never stalls relaying
+
+    def __init__(self, running, token_file: str = ""):
+        self.running, self.token_file = running, token_file
+
+    def allowed(self, peer_ip: str, headers: dict) -> bool:
+        import ipaddress
+        import hmac
+        if ipaddress.ip_address(peer_ip).is_loopback:
+            return True
+        if not self.token_file:
+            return False
+        try:
+            with open(self.token_file) as f:
+                token = f.read().strip()
+        except OSError:
+            return False
+        given = headers.get(b"authorization", b"")
+        return bool(token) and hmac.compare_digest(given, b"Bearer " + token.encode())
+
+    async def sessions(self, user: str | None) -> bytes:
+        running = self.running
+        now = running.shell.now()
+        allocs = list(running.core.allocations.values())
+        parts, out = [], []
+        for i, a in enumerate(allocs):
+            if i and i % self.CHUNK == 0:  # format a chunk, then let the relay run
+                if out:
+                    parts.append(json.dumps(out)[1:-1])
+                    out = []
+                await trio.lowlevel.checkpoint()
+            if user is not None and a.username != user:
+                continue
+            ft = a.five_tuple
+            out.append({"id": a.id, "user": a.username, "client": _addr(ft.client),
+                        "transport": ft.transport,
+                        "relayed": [_addr(r.advertised) for r in a.relays.values()],
+                        "permissions": len(a.permissions), "channels": len(a.channels),
+                        "to_peers_packets": a.up_packets, "to_peers_bytes": a.up_bytes,
+                        "to_client_packets": a.down_packets, "to_client_bytes": a.down_bytes,
+                        "age": round(now - a.created), "expires_in": max(0, round(a.expires - now))})
+        if out:
+            parts.append(json.dumps(out)[1:-1])
+        return ('{"sessions": [' + ", ".join(parts) + "]}").encode()
+
+    def close(self, alloc_id: str, by: str) -> bool:
+        shell = self.running.shell
+        actions = self.running.core.close_allocation(alloc_id)
+        if not actions:
+            return False
+        log.info("allocation %s closed by the admin at %s", alloc_id, by)
+        shell.execute(actions, None)
+        return True
+
+
+def _addr(addr) -> str:
+    return f"[{addr[0]}]:{addr[1]}" if ":" in addr[0] else f"{addr[0]}:{addr[1]}"
+
+
+async def serve_http(listener: trio.SocketListener, registry: CollectorRegistry,
+                     admin: Admin | None = None) -> None:
+    """GET /metrics (and /) answer the metrics; /sessions the admin's; anything else 404 or
+    405.  One request per connection, within MAX_REQUEST bytes and REQUEST_TIMEOUT seconds."""
     limiter = trio.CapacityLimiter(MAX_CONNECTIONS)
 
     async def one(stream: trio.SocketStream) -> None:
         try:
             limiter.acquire_nowait()
         except trio.WouldBlock:
-            await stream.aclose()
+            await trio.aclose_forcefully(stream)
             return
         try:
             with trio.move_on_after(REQUEST_TIMEOUT):
-                await _answer(stream, registry)
+                await _answer(stream, registry, admin)
         except (trio.BrokenResourceError, trio.ClosedResourceError, OSError, h11.ProtocolError):
             pass
         except Exception:
@@ -210,7 +275,7 @@ async def serve_http(listener: trio.SocketListener, registry: CollectorRegistry)
     await trio.serve_listeners(one, [listener])
 
 
-async def _answer(stream: trio.SocketStream, registry: CollectorRegistry) -> None:
+async def _answer(stream: trio.SocketStream, registry: CollectorRegistry, admin: Admin | None) -> None:
     conn = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_REQUEST)
     while True:
         event = conn.next_event()
@@ -223,18 +288,39 @@ async def _answer(stream: trio.SocketStream, registry: CollectorRegistry) -> Non
         if isinstance(event, h11.Request):
             break
         return
-    target = event.target.split(b"?")[0]
-    if event.method not in (b"GET", b"HEAD"):
-        status, body, ctype = 405, b"method not allowed\n", "text/plain"
-    elif target in (b"/metrics", b"/"):
-        status, body, ctype = 200, generate_latest(registry), CONTENT_TYPE_LATEST
+    path, _, query = event.target.partition(b"?")
+    params = dict(p.split(b"=", 1) for p in query.split(b"&") if b"=" in p)
+    method = event.method
+    ctype = "text/plain; charset=utf-8"
+    if path in (b"/metrics", b"/"):
+        if method not in (b"GET", b"HEAD"):
+            status, body = 405, b"method not allowed\n"
+        else:
+            status, body, ctype = 200, generate_latest(registry), CONTENT_TYPE_LATEST
+    elif path in (b"/sessions", b"/sessions/close") and admin is not None:
+        peer = stream.socket.getpeername()[0]
+        if not admin.allowed(peer, dict(event.headers)):
+            status, body = 403, b"forbidden: from loopback, or Authorization: Bearer <admin token>\n"
+        elif path == b"/sessions" and method in (b"GET", b"HEAD"):
+            user = params.get(b"user")
+            status, body = 200, await admin.sessions(user.decode(errors="replace") if user else None)
+            ctype = "application/json"
+        elif path == b"/sessions/close" and method == b"POST":
+            alloc_id = params.get(b"id", b"").decode(errors="replace")
+            found = admin.close(alloc_id, peer)
+            status, body = (200, b'{"closed": true}') if found else (404, b'{"closed": false}')
+            ctype = "application/json"
+        else:
+            status, body = 405, b"method not allowed\n"
+    elif path in (b"/sessions", b"/sessions/close"):
+        status, body = 501, b"sessions are not served with server.workers > 1\n"
     else:
-        status, body, ctype = 404, b"not found: /metrics\n", "text/plain"
+        status, body = 404, b"not found: /metrics\n"
     headers = [("Content-Type", ctype), ("Content-Length", str(len(body))), ("Connection", "close")]
     if status == 405:
-        headers.append(("Allow", "GET, HEAD"))
+        headers.append(("Allow", "POST" if path == b"/sessions/close" else "GET, HEAD"))
     out = conn.send(h11.Response(status_code=status, headers=headers))
-    if event.method != b"HEAD":
+    if method != b"HEAD":
         out += conn.send(h11.Data(data=body))
     out += conn.send(h11.EndOfMessage())
     await stream.send_all(out)

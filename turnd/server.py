@@ -36,7 +36,7 @@ from .turn.registry import LiveRelays
 from .turn.protocol import (AllocationCreated, AllocationDeleted, AllocationRefreshed,
                             BindFailed, FiveTuple,
                             PortBusy, ProtocolConfig, Refused, Reply, SendToPeer, TurnServer,
-                            client_key)
+                            client_key, user_for_logs)
 
 log = logging.getLogger("turnd")
 
@@ -294,7 +294,7 @@ class Shell:
         if not log.isEnabledFor(logging.INFO):
             return
         ft = alloc.five_tuple
-        fields = {"user": alloc.username,
+        fields = {"user": user_for_logs(alloc.username),
                   "client": client_text(ft.client, self.config.log.client_addresses),
                   "transport": ft.transport,
                   "relay": ",".join(address_text(r.advertised) for r in alloc.relays.values()),
@@ -446,10 +446,11 @@ async def serve(config: Config, *, worker: WorkerSpec | None = None,
             running = Running(udp=udp_addrs, tcp=tcp_addrs, core=shell.core, stats=shell.stats,
                               tcp_stats=shell.tcp_stats, shell=shell, tls=tls_addrs)
             if metrics_listener is not None:
-                from .metrics import registry_for, serve_http, snapshot
+                from .metrics import Admin, registry_for, serve_http, snapshot
                 running.metrics = local_address(metrics_listener.socket)
                 registry = registry_for(lambda: {"": snapshot(running)}, time.time())
-                nursery.start_soon(serve_http, metrics_listener, registry)
+                nursery.start_soon(serve_http, metrics_listener, registry,
+                                   Admin(running, config.metrics.admin_token_file))
             elif shared is not None and config.metrics.listen:
                 from .metrics import SLOT_SIZE, publish
                 view = memoryview(shared)[metrics_offset(config):]

@@ -37,7 +37,7 @@ class Allocation:
                  "permissions", "channels", "peer_channels", "allocate_tid",
                  "allocate_response", "client_handle", "peer_attr_cache", "cooldown",
                  "cooldown_peers", "client_key", "created", "up_packets", "up_bytes",
-                 "down_packets", "down_bytes")
+                 "down_packets", "down_bytes", "id")
 
     def __init__(self, five_tuple, username: str, key: bytes, integrity: str, expires: float):
         self.five_tuple = five_tuple
@@ -61,6 +61,7 @@ class Allocation:
         self.cooldown_peers: dict[tuple, int] = {}  # the same, by peer
         self.client_key = ""  # what limits.ip_quota counts by (IPv4 address, IPv6 /64)
         self.created = expires  # set by the core: when it was made
+        self.id = ""  # set by the core: what `turnd sessions` calls it
         # Relayed for this allocation (the hot path adds, for the logs and the hand-over):
         # from its client to peers, and from peers to its client (payload bytes).
         self.up_packets = self.up_bytes = self.down_packets = self.down_bytes = 0

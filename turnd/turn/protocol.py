@@ -163,6 +163,15 @@ class ProtocolConfig:
     host_addresses: tuple = ()            # every address of this host (also "own")
 
 
+def user_for_logs(username: str) -> str:
+    """A user name as logs show it: a TURN REST name ("<expiry>:<name>") without its expiry,
+    which would tell apart (and date) each credential a caller was given."""
+    expiry, sep, rest = username.partition(":")
+    if expiry.isdigit():
+        return rest if sep else "(REST)"
+    return username
+
+
 def _family(ip: str) -> int:
     return 6 if ":" in ip else 4
 
@@ -199,6 +208,8 @@ class TurnServer:
         self.sweep_pending = False  # the last expire() hit its budget: call again soon
         # None: serving; else draining, new Allocates refused: () -> 403, (ip, port) -> 300
         self.draining: tuple | None = None
+        self._next_id = 0  # allocation ids: a prefix random per process, then a counter
+        self._id_prefix = secrets.token_hex(2) + "-"
         self.relay_ips = {_family(ip): ip for ip in config.relay_addresses}
         self.external = dict(config.external)
         # Every live relay port of this turnd (with workers, of all of them: shared memory).
@@ -315,6 +326,15 @@ class TurnServer:
             return []
         self.count("allocations_closed")
         return [self._delete(alloc, "closed")]
+
+    def close_allocation(self, alloc_id: str) -> list:
+        """An admin ends the allocation ``alloc_id`` at once (``turnd sessions --close``):
+        its relay ports return to the pool; its client's next request gets 437."""
+        for alloc in self.allocations.values():
+            if alloc.id == alloc_id:
+                self.count("allocations_closed_by_admin")
+                return [self._delete(alloc, "closed_by_admin")]
+        return []
 
     def expire(self, now: float, budget: int = SWEEP_BUDGET) -> list:
         """Delete what has expired: allocations, permissions, channels, cool-downs and
@@ -437,7 +457,7 @@ class TurnServer:
             verify_integrity(msg, self._decoy_key)
         self.count("auth_failures")
         raise StunError(c.UNAUTHORIZED, attributes=self._challenge(ft, now),
-                        note=("auth", f"wrong password or unknown user {username!r}"))
+                        note=("auth", f"wrong password or unknown user {user_for_logs(username)!r}"))
 
     # --- TURN requests ---------------------------------------------------------------
 
@@ -529,7 +549,7 @@ class TurnServer:
         ip_takes = takes - (reserved is not None and reserved.client_key == key)
         if cfg.user_quota and self.user_allocations.get(username, 0) + user_takes > cfg.user_quota:
             raise StunError(c.ALLOCATION_QUOTA_REACHED,
-                            note=("user_quota", f"user {username!r} holds limits.user_quota ({cfg.user_quota}) allocations"))
+                            note=("user_quota", f"user {user_for_logs(username)!r} holds limits.user_quota ({cfg.user_quota}) allocations"))
         if cfg.ip_quota and self.ip_allocations.get(key, 0) + ip_takes > cfg.ip_quota:
             raise StunError(c.ALLOCATION_QUOTA_REACHED,
                             note=("ip_quota", f"a client address holds limits.ip_quota ({cfg.ip_quota}) allocations"))
@@ -554,6 +574,8 @@ class TurnServer:
         alloc = Allocation(ft, username, auth_key, integrity, now + self._lifetime(msg))
         alloc.client_key = key
         alloc.created = now
+        self._next_id += 1
+        alloc.id = f"{self._id_prefix}{self._next_id}"
         new_token = None
         # The primary relay.
         ip = self.relay_ips[families[0]]
@@ -738,7 +760,7 @@ class TurnServer:
         if new and len(alloc.permissions) + new > self.config.permissions_per_allocation:
             self.count("permissions_capped")
             raise StunError(c.INSUFFICIENT_CAPACITY, "Too many permissions", note=("permissions",
-                f"an allocation of user {alloc.username!r} holds limits.permissions_per_allocation "
+                f"an allocation of user {user_for_logs(alloc.username)!r} holds limits.permissions_per_allocation "
                 f"({self.config.permissions_per_allocation}) permissions"))
 
     def _permit(self, alloc: Allocation, ips: set[str], now: float) -> None:
@@ -773,7 +795,7 @@ class TurnServer:
         if existing is None and len(alloc.channels) >= self.config.channels_per_allocation:
             self.count("channels_capped")
             raise StunError(c.INSUFFICIENT_CAPACITY, "Too many channels", note=("channels",
-                f"an allocation of user {alloc.username!r} holds limits.channels_per_allocation "
+                f"an allocation of user {user_for_logs(alloc.username)!r} holds limits.channels_per_allocation "
                 f"({self.config.channels_per_allocation}) channels"))
         self._check_room(alloc, {peer[0]})
         relay = self._peer_relay(alloc, peer)
