@@ -72,6 +72,7 @@ async def test_a_scrape_shows_allocations_traffic_refusals_and_connections(nurse
     assert not any(dict(labels).get("user") for _, labels in s)
     # traffic of ended allocations still counts
     await udp.call(c.REFRESH, [(c.LIFETIME, 0)])
+    await trio.sleep(1.1)  # scrapes within a second get the same (cached) text
     s = await scrape(running.metrics)
     assert value(s, "turnd_relayed_packets_total", direction="to_peers") == 7
     assert value(s, "turnd_allocations_ended_total", how="deleted") == 1
@@ -132,3 +133,24 @@ def test_workers_report_each_labelled(tmp_path):
         assert created == 6
     finally:
         d.stop()
+
+
+async def test_a_flood_of_scrapes_costs_one_snapshot_a_second(nursery):
+    config = attrs.evolve(turn_config(), metrics=MetricsConfig(listen=Endpoint("127.0.0.1", 0)))
+    import turnd.metrics as metrics
+    calls = []
+    real = metrics.snapshot
+
+    def counting(running):
+        calls.append(1)
+        return real(running)
+    metrics_snapshot, metrics.snapshot = metrics.snapshot, counting
+    try:
+        running = await nursery.start(serve, config)
+        start = trio.current_time()
+        for _ in range(40):
+            await scrape(running.metrics)
+        elapsed = trio.current_time() - start
+    finally:
+        metrics.snapshot = metrics_snapshot
+    assert len(calls) <= elapsed / metrics.CACHE_SECONDS + 1

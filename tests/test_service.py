@@ -268,12 +268,13 @@ def test_the_unit_file_verifies(tmp_path):
             pytest.fail("systemd-analyze is missing in CI: .ci/run must install systemd")
         pytest.skip("systemd-analyze not installed")
     text = open(UNIT).read()
-    for key in ("Type=notify", "WatchdogSec=", "ExecReload=", "Restart=on-failure", "DynamicUser=yes",
+    for key in ("Type=notify", "WatchdogSec=", "ExecReload=", "Restart=on-failure", "User=turnd",
                 "AmbientCapabilities=CAP_NET_BIND_SERVICE", "NoNewPrivileges=yes",
                 "ProtectSystem=strict", "RestrictAddressFamilies=AF_INET AF_INET6 AF_UNIX",
                 "SystemCallFilter=@system-service", "MemoryDenyWriteExecute=yes", "LimitNOFILE=",
                 "/etc/turnd/turnd.toml"):
         assert key in text, key
+    assert "u turnd " in open(os.path.join(ROOT, "systemd", "turnd.sysusers")).read()
     # verify checks the binaries exist: point it at this checkout's turnd
     turnd = os.path.join(ROOT, ".venv", "bin", "turnd")
     unit = tmp_path / "turnd.service"
@@ -322,3 +323,37 @@ async def test_client_addresses_in_the_logs_are_as_private_as_configured(tmp_pat
             assert clients == ["127.0.0.0/24"] * 2
         else:  # one caller's lines can be followed: the same IP, the same hash
             assert clients[0] == clients[1] and re.fullmatch(r"h:[0-9a-f]{12}", clients[0])
+
+
+@pytest.mark.parametrize("bad", [b'[server]\nrealm = "caf\xe9"\n', b"a = " + b"[" * 5000 + b"\n"])
+async def test_a_reload_of_an_unreadable_file_is_refused_and_calls_go_on(tmp_path, bad):
+    """A config that is not UTF-8, or nested 5,000 deep, once killed the daemon on SIGHUP."""
+    d = Turnd(tmp_path, config_text())
+    try:
+        turn = await UdpTurn.connect(("127.0.0.1", d.port))
+        relayed = await turn.allocate()
+        peer = await udp_client("127.0.0.1")
+        d.conf.write_bytes(bad)
+        d.signal(signal.SIGHUP)
+        line = d.wait_for(r".*reload refused.*").group(0)
+        assert "not valid TOML" in line
+        await relay_some(turn, peer, relayed, 3, 10, 3, 10)  # the call goes on
+        assert d.proc.poll() is None
+        out = subprocess.run([sys.executable, "-m", "turnd", "check-config", str(d.conf)],
+                             capture_output=True, text=True, timeout=30)
+        assert out.returncode == 2 and "Traceback" not in out.stderr
+        out = subprocess.run([sys.executable, "-m", "turnd", "reload", "--pid", str(d.proc.pid)],
+                             capture_output=True, text=True, timeout=30)
+        assert out.returncode == 2 and "not reloaded" in out.stderr  # checked before SIGHUP
+    finally:
+        d.stop()
+
+
+def test_text_log_fields_escape_control_and_invisible_characters():
+    import logging
+    from turnd.logs import TextFormatter
+    record = logging.LogRecord("turnd", logging.INFO, "", 0, "allocation %s", ("created",), None)
+    record.fields = {"user": "eve\x1b[31m\u202eevil\nline", "n": 3}
+    text = TextFormatter("turnd", journal=False).format(record)
+    assert "\x1b" not in text and "\u202e" not in text and "\n" not in text
+    assert "user='eve\\x1b[31m\\u202eevil\\nline' n=3" in text

@@ -139,3 +139,32 @@ async def test_listing_ten_thousand_allocations_does_not_stall_relaying(nursery)
     assert counts == [made + 1] * 3 and len(gaps) == 200  # every datagram relayed meanwhile
     print(f"{made} allocations listed 3 times; call round trips: max {max(gaps) * 1000:.1f} ms, "
           f"median {sorted(gaps)[100] * 1000:.2f} ms")
+
+
+async def test_sessions_refuse_web_pages_and_rebound_names(nursery):
+    """A page in a browser on the admin's machine (it sends Origin), or a DNS name rebound to
+    127.0.0.1 (its Host is a name), can't list or close sessions."""
+    config = attrs.evolve(turn_config(), metrics=MetricsConfig(listen=Endpoint("127.0.0.1", 0)))
+    running = await nursery.start(serve, config)
+    turn = await UdpTurn.connect(running.udp[0])
+    await turn.allocate()
+    alloc_id = next(iter(running.core.allocations.values())).id
+    port = running.metrics[1]
+
+    def request(path, method="GET", **headers):
+        req = urllib.request.Request(f"http://127.0.0.1:{port}{path}", method=method,
+                                     headers=headers, data=b"" if method == "POST" else None)
+        try:
+            with urllib.request.urlopen(req, timeout=10) as resp:
+                return resp.status
+        except urllib.error.HTTPError as exc:
+            return exc.code
+    run = trio.to_thread.run_sync
+    assert await run(lambda: request("/sessions", Origin="http://evil.example")) == 403
+    assert await run(lambda: request("/sessions", Host="evil.example:9641")) == 403
+    assert await run(lambda: request(f"/sessions/close?id={alloc_id}", "POST",
+                                     Origin="null")) == 403
+    assert running.core.allocations  # still there
+    assert await run(lambda: request("/sessions")) == 200
+    assert await run(lambda: request(f"/sessions/close?id={alloc_id}", "POST")) == 200
+    assert not running.core.allocations

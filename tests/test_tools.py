@@ -257,3 +257,35 @@ def test_make_run_passes_the_first_run_secret_only_on_the_default_config():
                          text=True, cwd=ROOT)
     assert "--first-run-secret" not in out.stdout
     assert ".turnd/" in open(os.path.join(ROOT, ".gitignore")).read()
+
+
+def test_user_names_of_any_unicode_round_trip_and_the_file_keeps_its_mode(tmp_path):
+    users = tmp_path / "users.toml"
+    for name in ("José", "名前", "a b", 'quo"te', "emoji😀", "back\\slash"):
+        out = turnd("user", "add", name, "--users-file", str(users), "--config", "/nonexistent",
+                    "--password", "pw")
+        assert out.returncode == 0, out.stderr
+    from turnd.config import read_users_file
+    assert [u for u, _ in read_users_file(str(users))] == ["José", "名前", "a b", 'quo"te',
+                                                          "emoji😀", "back\\slash"]
+    os.chmod(users, 0o640)
+    assert turnd("user", "delete", "a b", "--users-file", str(users), "--config",
+                 "/nonexistent").returncode == 0
+    assert oct(users.stat().st_mode & 0o777) == "0o640"  # kept: the service's group may read it
+    assert not [p for p in os.listdir(tmp_path) if p.startswith(".users-")]  # no leftovers
+
+
+def test_migrate_survives_hostile_input_and_writes_valid_toml(tmp_path):
+    src = tmp_path / "turnserver.conf"
+    src.write_bytes("realm=caf😀\"x\nuser=Jo\\sé:p\"w\ndenied-peer-ip=10.0.0.1-::1\n"
+                    "alternate-server=::1\nrelay-ip=192.0.2.1\nmin-port=abc\n".encode()
+                    + b"\xff\x00\n")
+    out_path = tmp_path / "out.toml"
+    out = turnd("migrate-coturn", str(src), "-o", str(out_path))
+    assert out.returncode == 0 and "Traceback" not in out.stderr, out.stderr
+    assert "line 3: denied-peer-ip: not understood (a range of two address families)" in out.stderr
+    assert "line 6: min-port: not understood" in out.stderr
+    config = load_config(str(out_path))
+    assert config.server.realm == 'caf😀"x' and dict(config.auth.users) == {"Jo\\sé": 'p"w'}
+    assert str(config.server.alternate) == "[::1]:3478"
+    assert oct(out_path.stat().st_mode & 0o777) == "0o640"

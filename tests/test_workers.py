@@ -143,3 +143,30 @@ def test_too_few_relay_ports_for_the_workers_is_one_line(tmp_path):
                          capture_output=True, text=True, timeout=30)
     assert out.returncode == 1
     assert out.stderr.strip().splitlines()[-1] == "turnd: relay.ports has 3 ports: too few for 4 workers"
+
+
+async def test_drain_reaches_every_worker_and_a_restarted_one_and_early_signals_kill_none(tmp_path):
+    daemon = Daemon(tmp_path)
+    try:
+        # signals right away (a worker may still be starting) are not fatal to anyone
+        for pid in daemon.worker_pids().values():
+            os.kill(pid, signal.SIGHUP)
+        daemon.proc.send_signal(signal.SIGUSR1)  # drain: the master passes it on
+        for i in range(2):
+            daemon.wait_for(r"turnd\[\d\] INFO draining: new allocations are refused")
+        pid = daemon.worker_pids()[1]
+        mark = len(daemon.text())
+        os.kill(pid, signal.SIGKILL)
+        daemon.wait_for(r"worker 1 started", after=mark)
+        daemon.wait_for(r"turnd\[1\] INFO draining", after=mark)  # restarted: draining too
+        assert "exited with -1" not in daemon.text()
+        with trio.fail_after(20):
+            refused = 0
+            for _ in range(12):  # clients land on both workers: every one is refused
+                t = await UdpTurn.connect(("127.0.0.1", daemon.port))
+                resp = await t.call(c.ALLOCATE, [(c.REQUESTED_TRANSPORT, 17)])
+                refused += resp.get(c.ERROR_CODE) is not None and resp.get(c.ERROR_CODE).code == 403
+                t.sock.close()
+        assert refused == 12
+    finally:
+        daemon.stop()

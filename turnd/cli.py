@@ -50,6 +50,9 @@ def main() -> None:
 def serve(config_path: str, log_level: str | None, worker_spec: str | None,
           first_run: str | None) -> None:
     """Serve STUN and TURN until SIGINT or SIGTERM; SIGHUP reloads, SIGUSR1 drains."""
+    import signal
+    for sig in (signal.SIGHUP, signal.SIGUSR1):  # until turnd listens for them: not fatal
+        signal.signal(sig, signal.SIG_IGN)
     config = _load_or_exit(config_path)
     from .logs import setup_logging
     from .notify import Notifier
@@ -108,9 +111,11 @@ def _first_run(config: Config, path: str, announce: bool) -> tuple[str, ...]:
 @click.option("--json", "as_json", is_flag=True, help="Print an RTCIceServer object.")
 @click.option("--url", "urls", multiple=True, help="TURN URLs for --json (default: from --config).")
 @click.option("--config", "config_path", default=None, type=click.Path(dir_okay=False),
-              help="The config whose TURN URLs --json lists.")
+              help="The config whose TURN URLs --json lists (and whose secrets it checks).")
+@click.option("--host", default=None, help="The name browsers use in those URLs (turns: needs "
+              "the certificate's name); default: the public address in the config.")
 def credential(secret_file: str, user: str, ttl: int, as_json: bool, urls: tuple,
-               config_path: str | None) -> None:
+               config_path: str | None, host: str | None) -> None:
     """Print TURN REST API credentials, as a web app's back end hands them to browsers."""
     import time
     from .tools import ice_server, read_secret_file, rest_credential, turn_urls
@@ -119,12 +124,16 @@ def credential(secret_file: str, user: str, ttl: int, as_json: bool, urls: tuple
     except ConfigError as exc:
         click.echo(f"turnd: {exc}", err=True)
         sys.exit(EXIT_CONFIG)
+    config = _load_or_exit(config_path) if config_path else None
+    if config is not None and secret not in config.auth.secrets:
+        click.echo(f"turnd: warning: the secret in {secret_file} is not in {config_path}'s "
+                   "[auth] secrets: turnd will refuse this credential", err=True)
     username, password = rest_credential(secret, user, ttl, time.time())
     if not as_json:
         click.echo(f"username: {username}\npassword: {password}")
         return
     if not urls:
-        urls = turn_urls(_load_or_exit(config_path) if config_path else Config())
+        urls = turn_urls(config or Config(), host)
     click.echo(ice_server(list(urls), username, password))
 
 
@@ -198,6 +207,7 @@ def migrate_coturn(coturn_conf: str, output: str | None) -> None:
     if output:
         fd = os.open(output, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o640)
         with os.fdopen(fd, "w") as f:
+            os.fchmod(f.fileno(), 0o640)  # it may hold passwords and secrets
             f.write(text)
         click.echo(f"wrote {output}; check it with: turnd check-config {output}", err=True)
     else:
@@ -209,7 +219,7 @@ def migrate_coturn(coturn_conf: str, output: str | None) -> None:
 
 
 @main.command("check-config")
-@click.argument("path", type=click.Path(dir_okay=False))
+@click.argument("path", type=click.Path(dir_okay=False, readable=False))
 def check_config(path: str) -> None:
     """Validate a configuration file and exit 0 (valid) or 2 (invalid)."""
     _load_or_exit(path)
@@ -256,7 +266,20 @@ def find_daemons(config_path: str | None = None) -> list[int]:
     return found
 
 
-def _signal_daemon(sig, what: str, pid: int | None, config_path: str | None) -> None:
+def _daemon_config(pid: int) -> str:
+    """The --config a running turnd serve was started with."""
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            args = [a.decode(errors="replace") for a in f.read().split(b"\0") if a]
+        cwd = os.readlink(f"/proc/{pid}/cwd")
+    except OSError:
+        return ""
+    path = args[args.index("--config") + 1] if "--config" in args[:-1] else "/etc/turnd/turnd.toml"
+    return os.path.join(cwd, path)
+
+
+def _signal_daemon(sig, what: str, pid: int | None, config_path: str | None,
+                   check: bool = False) -> None:
     import signal as _signal
     pids = [pid] if pid else find_daemons(config_path)
     if len(pids) != 1:
@@ -264,6 +287,18 @@ def _signal_daemon(sig, what: str, pid: int | None, config_path: str | None) -> 
                    f"{'' if not pids else ' (' + ', '.join(map(str, pids)) + ')'}; "
                    "name one with --pid or --config", err=True)
         sys.exit(EXIT_STARTUP)
+    if check:  # what the daemon will read: refuse to ask it to read a broken file
+        path = config_path or _daemon_config(pids[0])
+        if path:
+            try:
+                config = load_config(path)
+                if config.tls.cert or config.tls.key:
+                    from .tls import load_context
+                    load_context(config.tls)
+            except ConfigError as exc:
+                click.echo(f"config error: {exc}", err=True)
+                click.echo(f"turnd: not reloaded; pid {pids[0]} keeps its configuration", err=True)
+                sys.exit(EXIT_CONFIG)
     try:
         os.kill(pids[0], sig)
     except OSError as exc:
@@ -287,7 +322,7 @@ def drain(pid: int | None, config_path: str | None) -> None:
 def reload(pid: int | None, config_path: str | None) -> None:
     """Re-read the configuration and TLS certificate (SIGHUP); calls go on."""
     import signal as _signal
-    _signal_daemon(_signal.SIGHUP, "reloading", pid, config_path)
+    _signal_daemon(_signal.SIGHUP, "reloading", pid, config_path, check=True)
 
 
 @main.command()
@@ -361,3 +396,32 @@ def _volume(packets: int, size: int) -> str:
             return f"{packets}p/{size:.0f}{unit}" if unit == "B" else f"{packets}p/{size:.1f}{unit}"
         size /= 1000
     return ""
+
+
+@main.command()
+@click.argument("urls", nargs=-1, required=True)
+@click.option("--user", default=None, help="The TURN user name.")
+@click.option("--password", default=None, help="Its password.")
+@click.option("--secret-file", default=None, type=click.Path(dir_okay=False),
+              help="Mint a TURN REST credential with this secret instead.")
+@click.option("--insecure", is_flag=True, help="turns: accept a self-signed certificate.")
+def selftest(urls: tuple, user: str | None, password: str | None, secret_file: str | None,
+             insecure: bool) -> None:
+    """Check TURN URLs (turn:H:P?transport=udp, turn:H:P?transport=tcp, turns:H:P?transport=tcp)
+    as a browser would use them: allocate, permit, bind a channel, relay both ways.  Exit 0
+    only when all pass.  Works against any TURN server."""
+    from . import selftest as st
+    if secret_file:
+        import time
+        from .tools import read_secret_file, rest_credential
+        try:
+            secret = read_secret_file(secret_file)[0]
+        except ConfigError as exc:
+            click.echo(f"turnd: {exc}", err=True)
+            sys.exit(EXIT_CONFIG)
+        user, password = rest_credential(secret, user or "selftest", 3600, time.time())
+    if not user or password is None:
+        click.echo("turnd: give --user and --password, or --secret-file", err=True)
+        sys.exit(EXIT_CONFIG)
+    ok = trio.run(st.run, list(urls), user, password, insecure, click.echo)
+    sys.exit(0 if ok else 1)

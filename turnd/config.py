@@ -340,8 +340,8 @@ def read_users_file(path: str) -> tuple[tuple[str, tuple[str, ...]], ...]:
             data = tomllib.load(f)
     except OSError as exc:
         raise ConfigError("auth.users_file", f"{path}: {exc.strerror or exc}") from None
-    except tomllib.TOMLDecodeError as exc:
-        raise ConfigError("auth.users_file", f"{path}: not valid TOML: {exc}") from None
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError, RecursionError, ValueError) as exc:
+        raise ConfigError("auth.users_file", f"{path}: not valid TOML: {_toml_why(exc)}") from None
     out = []
     for user, secret in data.items():
         key = f"auth.users_file: {path}: {_key_part(user)}"
@@ -487,6 +487,14 @@ def parse_config(data: dict[str, Any]) -> Config:
     return config
 
 
+def _toml_why(exc: Exception) -> str:
+    if isinstance(exc, UnicodeDecodeError):
+        return f"not UTF-8 (byte {exc.start})"
+    if isinstance(exc, RecursionError):
+        return "nested too deeply"
+    return str(exc)
+
+
 def load_config(path: str, read_users: bool = True) -> Config:
     """The config in ``path``; with ``read_users``, auth.users_file's users are read in
     (else only its path is resolved: ``turnd user add`` makes the file)."""
@@ -495,8 +503,8 @@ def load_config(path: str, read_users: bool = True) -> Config:
             data = tomllib.load(f)
     except OSError as exc:
         raise ConfigError(path, exc.strerror or str(exc)) from None
-    except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(path, f"not valid TOML: {exc}") from None
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError, RecursionError, ValueError) as exc:
+        raise ConfigError(path, f"not valid TOML: {_toml_why(exc)}") from None
     config = parse_config(data)
     here = os.path.dirname(os.path.abspath(path))
     if config.metrics.admin_token_file:

@@ -56,8 +56,9 @@ class TextFormatter(logging.Formatter):
 
 
 def _value(v) -> str:
-    if isinstance(v, str) and (not v or any(ch.isspace() or ch in "='\"\\" for ch in v)):
-        return repr(v)
+    if isinstance(v, str) and (not v or not v.isprintable()
+                               or any(ch.isspace() or ch in "='\"\\" for ch in v)):
+        return ascii(v)  # control, bidi and other invisible characters escaped
     return str(v)
 
 
@@ -67,7 +68,8 @@ class JsonFormatter(logging.Formatter):
         self.who, self.journal = who, journal
 
     def format(self, record: logging.LogRecord) -> str:
-        out = {"time": self.formatTime(record, "%Y-%m-%dT%H:%M:%S") + f".{int(record.msecs):03d}",
+        stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
+        out = {"time": f"{stamp}.{int(record.msecs):03d}Z",
                "level": record.levelname.lower(), "process": self.who,
                "message": record.getMessage()}
         out.update(getattr(record, "fields", None) or {})
@@ -77,9 +79,22 @@ class JsonFormatter(logging.Formatter):
         return f"<{PRIORITY.get(record.levelno, 6)}>" + text if self.journal else text
 
 
+_handler: logging.Handler | None = None
+_who = "turnd"
+
+
+def set_format(fmt: str) -> None:
+    """A reload: lines from now on in ``fmt`` ("text" or "json")."""
+    if _handler is not None:
+        _handler.setFormatter((JsonFormatter if fmt == "json" else TextFormatter)(
+            _who, stderr_is_journal()))
+
+
 def setup_logging(level: str, fmt: str, who: str = "turnd") -> None:
+    global _handler, _who
     journal = stderr_is_journal()
-    handler = logging.StreamHandler(sys.stderr)
+    handler = _handler = logging.StreamHandler(sys.stderr)
+    _who = who
     handler.setFormatter((JsonFormatter if fmt == "json" else TextFormatter)(who, journal))
     root = logging.getLogger()
     for h in list(root.handlers):

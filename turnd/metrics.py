@@ -30,9 +30,11 @@ log = logging.getLogger("turnd")
 SLOT_SIZE = 64 * 1024      # bytes of shared memory per worker for its snapshot
 PUBLISH_INTERVAL = 1.0     # seconds between a worker's snapshots
 MAX_REQUEST = 8 * 1024     # bytes of an HTTP request to /metrics
-REQUEST_TIMEOUT = 5.0      # seconds to read a request and write the answer
+REQUEST_TIMEOUT = 2.0     # seconds to read a request and write the answer
+CACHE_SECONDS = 1.0       # a scrape within this of the last one gets the same text
 MAX_CONNECTIONS = 16       # scrapes served at once; more are closed at once
 
+COMMON_CODES = ("300", "400", "401", "403", "420", "437", "438", "441", "442", "486", "508")
 DROP_REASONS = ("dropped_no_allocation", "dropped_no_channel", "dropped_no_permission",
                 "dropped_own_address", "dropped_malformed", "dropped_too_big", "send_dropped",
                 "recv_errors")
@@ -51,7 +53,10 @@ def snapshot(running) -> dict:
         up[1] += alloc.up_bytes
         up[2] += alloc.down_packets
         up[3] += alloc.down_bytes
+    pools = running.core.pools.values()
+    ports = [sum(p.high - p.low + 1 for p in pools), sum(len(p) for p in pools)]
     return {"allocations": allocations, "traffic": up, "relay": running.stats.as_dict(),
+            "ports": ports,
             "core": dict(running.core.stats), "streams": dict(running.tcp_stats),
             "draining": running.core.draining is not None, "internal_errors": shell.internal_errors}
 
@@ -84,14 +89,21 @@ class Collector:
         created = fam(CounterMetricFamily, "turnd_allocations_created", "Allocations created.")
         conns = fam(GaugeMetricFamily, "turnd_connections", "Open TCP and TLS connections.")
         conns_total = fam(CounterMetricFamily, "turnd_connections_accepted", "TCP and TLS connections accepted.")
-        closed = fam(CounterMetricFamily, "turnd_connections_refused", "TCP and TLS connections refused or closed early, by reason.", ("reason",))
+        refused = fam(CounterMetricFamily, "turnd_connections_refused", "TCP and TLS connections refused at once, by cap.", ("reason",))
+        closed = fam(CounterMetricFamily, "turnd_connections_closed", "TCP and TLS connections turnd closed, by reason.", ("reason",))
+        ports = fam(GaugeMetricFamily, "turnd_relay_ports", "Relay ports (all families) in relay.ports, and free.", ("state",))
         draining = fam(GaugeMetricFamily, "turnd_draining", "1 while draining (new allocations refused).")
         internal = fam(CounterMetricFamily, "turnd_internal_errors", "Bugs caught: a packet or connection dropped.")
         for worker, s in sorted(snaps.items()):
             w = [worker] if labels else []
-            for key, n in s["allocations"].items():
+            seen = {f"{f}/{t}": 0 for f in ("ipv4", "ipv6") for t in ("udp", "tcp", "tls")}
+            seen.update(s["allocations"])
+            for key, n in seen.items():  # zeros too: a dashboard shows 0, not "no data"
                 family, transport = key.split("/")
                 allocs.add_metric([*w, family, transport], n)
+            total, free = s.get("ports", (0, 0))
+            ports.add_metric([*w, "total"], total)
+            ports.add_metric([*w, "free"], free)
             t = s["traffic"]
             packets.add_metric([*w, "to_peers"], t[0])
             packets.add_metric([*w, "to_clients"], t[2])
@@ -103,9 +115,10 @@ class Collector:
             for reason, key in (("wrong_password_or_user", "auth_failures"), ("stale_nonce", "error_438"),
                                 ("wrong_user_for_allocation", "error_441")):
                 auth.add_metric([*w, reason], core.get(key, 0))
-            for key, n in core.items():
-                if key.startswith("error_"):
-                    errors.add_metric([*w, key[6:]], n)
+            codes = dict.fromkeys(COMMON_CODES, 0)
+            codes.update({key[6:]: n for key, n in core.items() if key.startswith("error_")})
+            for code, n in codes.items():
+                errors.add_metric([*w, code], n)
             policy.add_metric(w, core.get("peers_denied", 0))
             limited.add_metric(w, core.get("dropped_rate_limited", 0))
             created.add_metric(w, core.get("allocations_created", 0))
@@ -115,12 +128,16 @@ class Collector:
             conns.add_metric(w, st.get("open", 0))
             conns_total.add_metric(w, st.get("connections", 0))
             for key, n in st.items():
-                if key.startswith(("refused_", "closed_")) or key in ("tls_handshake_failed", "accept_errors"):
+                if key.startswith("refused_"):
+                    refused.add_metric([*w, key[8:]], n)
+                elif key.startswith("closed_"):
+                    closed.add_metric([*w, key[7:]], n)
+                elif key == "tls_handshake_failed":
                     closed.add_metric([*w, key], n)
             draining.add_metric(w, 1 if s["draining"] else 0)
             internal.add_metric(w, s["internal_errors"])
         yield from (allocs, packets, volume, drops, auth, errors, policy, limited, created, made,
-                    conns, conns_total, closed, draining, internal)
+                    conns, conns_total, refused, closed, ports, draining, internal)
         up = GaugeMetricFamily("turnd_uptime_seconds", "Seconds since turnd started.")
         up.add_metric([], time.time() - self.started)
         yield up
@@ -129,10 +146,24 @@ class Collector:
         yield info
 
 
-def registry_for(snapshots, started: float) -> CollectorRegistry:
+class CachedRegistry:
+    """The rendered metrics, made at most once per CACHE_SECONDS however often anyone
+    scrapes: a flood of scrapes costs the relay one snapshot a second."""
+
+    def __init__(self, registry: CollectorRegistry):
+        self.registry, self.text, self.at = registry, b"", -1e9
+
+    def render(self) -> bytes:
+        now = time.monotonic()
+        if now - self.at >= CACHE_SECONDS:
+            self.text, self.at = generate_latest(self.registry), now
+        return self.text
+
+
+def registry_for(snapshots, started: float) -> CachedRegistry:
     registry = CollectorRegistry(auto_describe=False)
     registry.register(Collector(snapshots, started))
-    return registry
+    return CachedRegistry(registry)
 
 
 # --- workers: snapshots through shared memory ------------------------------------------
@@ -245,6 +276,28 @@ class Admin:
         return True
 
 
+def _unquote(value: bytes) -> str:
+    import urllib.parse
+    return urllib.parse.unquote(value.decode("ascii", errors="replace"))
+
+
+def _host_is_an_address(host: bytes) -> bool:
+    """Host: an IP literal (with a port) or localhost, as turnd sessions sends it."""
+    import ipaddress
+    text = host.decode("ascii", errors="replace")
+    if text.startswith("["):
+        text = text[1:].partition("]")[0]
+    else:
+        text = text.rpartition(":")[0] if text.count(":") == 1 else text
+    if text == "localhost":
+        return True
+    try:
+        ipaddress.ip_address(text)
+        return True
+    except ValueError:
+        return False
+
+
 def _addr(addr) -> str:
     return f"[{addr[0]}]:{addr[1]}" if ":" in addr[0] else f"{addr[0]}:{addr[1]}"
 
@@ -296,17 +349,21 @@ async def _answer(stream: trio.SocketStream, registry: CollectorRegistry, admin:
         if method not in (b"GET", b"HEAD"):
             status, body = 405, b"method not allowed\n"
         else:
-            status, body, ctype = 200, generate_latest(registry), CONTENT_TYPE_LATEST
+            status, body, ctype = 200, registry.render(), CONTENT_TYPE_LATEST
     elif path in (b"/sessions", b"/sessions/close") and admin is not None:
         peer = stream.socket.getpeername()[0]
-        if not admin.allowed(peer, dict(event.headers)):
+        headers_ = dict(event.headers)
+        if b"origin" in headers_ or not _host_is_an_address(headers_.get(b"host", b"")):
+            # a web page (any Origin) or a DNS-rebound name: never the admin's own tools
+            status, body = 403, b"forbidden: no Origin, and Host must be an address\n"
+        elif not admin.allowed(peer, headers_):
             status, body = 403, b"forbidden: from loopback, or Authorization: Bearer <admin token>\n"
         elif path == b"/sessions" and method in (b"GET", b"HEAD"):
             user = params.get(b"user")
-            status, body = 200, await admin.sessions(user.decode(errors="replace") if user else None)
+            status, body = 200, await admin.sessions(_unquote(user) if user else None)
             ctype = "application/json"
         elif path == b"/sessions/close" and method == b"POST":
-            alloc_id = params.get(b"id", b"").decode(errors="replace")
+            alloc_id = _unquote(params.get(b"id", b""))
             found = admin.close(alloc_id, peer)
             status, body = (200, b'{"closed": true}') if found else (404, b'{"closed": false}')
             ctype = "application/json"

@@ -8,7 +8,8 @@ comments; options may repeat (listening-ip, user, denied-peer-ip, ...).
 from __future__ import annotations
 
 import ipaddress
-import json
+
+from .tools import toml_value
 
 # Options that need nothing in turnd: (reason).  Everything else unknown is reported too.
 NOT_NEEDED = {
@@ -57,6 +58,7 @@ class Migration:
         self.no_tls = False
         self.no_udp = self.no_tcp = False
         self.metrics = False
+        self.metrics_port = 9641
         self.alternate = ""
         self.notes: list[str] = []  # "line N: option: why not mapped"
 
@@ -68,6 +70,8 @@ def _ranges(value: str) -> list[str]:
     """coturn peer ranges: "a.b.c.d", "a-b" or a CIDR -> CIDRs."""
     if "-" in value:
         lo, hi = (ipaddress.ip_address(v.strip()) for v in value.split("-", 1))
+        if lo.version != hi.version:
+            raise ValueError("a range of two address families")
         return [str(n) for n in ipaddress.summarize_address_range(lo, hi)]
     return [str(ipaddress.ip_network(value.strip(), strict=False))]
 
@@ -156,6 +160,8 @@ def _option(m: Migration, n: int, name: str, value: str) -> None:
                "\"json\" for machines")
     elif name == "prometheus":
         m.metrics = True
+    elif name == "prometheus-port":
+        m.metrics_port = int(value)
     elif name == "alternate-server":
         if m.alternate:
             m.note(n, name, "turnd names one server.alternate; the first is kept")
@@ -163,7 +169,7 @@ def _option(m: Migration, n: int, name: str, value: str) -> None:
             m.alternate = value
     elif name == "proc-user" or name == "proc-group":
         m.note(n, name, "systemd/turnd.service runs turnd as its own unprivileged user "
-               "(DynamicUser)")
+               "(turnd, from systemd/turnd.sysusers)")
     elif name in NOT_NEEDED:
         m.note(n, name, f"not needed: {NOT_NEEDED[name]}")
     else:
@@ -178,22 +184,21 @@ def to_toml(m: Migration) -> str:
     out = ["# Made by turnd migrate-coturn; check it with: turnd check-config FILE", ""]
     listen_ips = m.listen_ips or ["0.0.0.0", "::"]
     out.append("[server]")
-    out.append(f"listen = {json.dumps([_endpoint(ip, m.port) for ip in listen_ips])}")
+    out.append(f"listen = {toml_value([_endpoint(ip, m.port) for ip in listen_ips])}")
     if m.cert and m.key and not m.no_tls:
-        out.append(f"tls_listen = {json.dumps([_endpoint(ip, m.tls_port) for ip in listen_ips])}")
+        out.append(f"tls_listen = {toml_value([_endpoint(ip, m.tls_port) for ip in listen_ips])}")
     if m.realm:
-        out.append(f"realm = {json.dumps(m.realm)}")
+        out.append(f"realm = {toml_value(m.realm)}")
     if m.alternate:
         host, sep, port = m.alternate.rpartition(":")
-        out.append(f"alternate = {json.dumps(m.alternate if sep else _endpoint(m.alternate, 3478))}")
+        out.append(f"alternate = {toml_value(_alternate(m.alternate))}")
     if m.cert and m.key and not m.no_tls:
-        out += ["", "[tls]", f"cert = {json.dumps(m.cert)}", f"key = {json.dumps(m.key)}"]
+        out += ["", "[tls]", f"cert = {toml_value(m.cert)}", f"key = {toml_value(m.key)}"]
     out += ["", "[auth]"]
     if m.users:
-        out.append("users = { " + ", ".join(f"{json.dumps(u)} = {json.dumps(p)}"
-                                             for u, p in m.users.items()) + " }")
+        out.append(f"users = {toml_value(m.users)}")
     if m.secrets and m.use_auth_secret:
-        out.append(f"secrets = {json.dumps(m.secrets)}")
+        out.append(f"secrets = {toml_value(m.secrets)}")
     if m.nonce_lifetime is not None:
         out.append(f"nonce_lifetime = {min(max(m.nonce_lifetime, 30), 86400)}")
     out += ["", "[relay]", f'ports = "{m.min_port}-{m.max_port}"']
@@ -204,7 +209,7 @@ def to_toml(m: Migration) -> str:
             m.notes.append(f"no listening-ip or relay-ip: relay.addresses {relay_ips} is this "
                            "host's first global address of each family: check it")
     if relay_ips:
-        out.append(f"addresses = {json.dumps(relay_ips)}")
+        out.append(f"addresses = {toml_value(relay_ips)}")
     external = {}
     for value in m.external:
         public, sep, private = value.partition("/")
@@ -217,17 +222,16 @@ def to_toml(m: Migration) -> str:
                            "needs relay.addresses to know which address it replaces; set "
                            "relay.external by hand")
     if external:
-        out.append("external = { " + ", ".join(f"{json.dumps(k)} = {json.dumps(v)}"
-                                                for k, v in external.items()) + " }")
+        out.append(f"external = {toml_value(external)}")
     if m.allow or m.deny:
         out += ["", "[peers]"]
         if m.allow:
-            out.append(f"allow = {json.dumps(m.allow)}")
+            out.append(f"allow = {toml_value(m.allow)}")
         if m.deny:
-            out.append(f"deny = {json.dumps(m.deny)}")
+            out.append(f"deny = {toml_value(m.deny)}")
     if m.limits:
         out += ["", "[limits]"] + [f"{k} = {v}" for k, v in m.limits.items()]
-    out += ["", "[metrics]", f'listen = "{"127.0.0.1:9641" if m.metrics else ""}"']
+    out += ["", "[metrics]", f'listen = "{f"127.0.0.1:{m.metrics_port}" if m.metrics else ""}"']
     if not relay_ips:
         m.notes.append("no listening-ip: coturn listens everywhere; turnd listens on 0.0.0.0 and "
                        "[::] and needs relay.addresses (the host's public IPv4 and IPv6): set it")
@@ -245,3 +249,11 @@ def _guess_relay_addresses() -> list[str]:
         if addr.is_global:
             out.setdefault(addr.version, ip)
     return [out[v] for v in sorted(out)]
+
+
+def _alternate(value: str) -> str:
+    """coturn's alternate-server: "ip", "ip:port", "[v6]:port" or a bare IPv6 address."""
+    try:
+        return _endpoint(str(ipaddress.ip_address(value.strip("[]"))), 3478)  # no port
+    except ValueError:
+        return value

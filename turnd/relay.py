@@ -270,6 +270,8 @@ class Forwarder:
                 peer = self.to_internal(peer)
             elif self.is_listen_endpoint(*peer) or peer[0] in self.blocked_sources:
                 self.stats.dropped_own_address += 1
+                relay.alloc.up_packets -= 1  # counted as relayed by the caller: it was not
+                relay.alloc.up_bytes -= len(data)
                 return
         try:
             relay.handle.sendto(data, peer)

@@ -78,6 +78,7 @@ class Running:
     shell: "Shell"
     tls: list[tuple[str, int]] = attrs.Factory(list)
     metrics: tuple[str, int] | None = None
+    shared: object = None  # a worker's shared memory with its master
 
 
 class SocketBinder:
@@ -129,6 +130,12 @@ SECRET_SIZE = 32
 def shared_size(config: Config) -> int:
     """The workers' shared memory: the nonce secret, the live-relay bitmap, and a metrics
     slot per worker."""
+    return flags_offset(config) + 8
+
+
+def flags_offset(config: Config) -> int:
+    """A byte after the metrics slots: 1 while the master drains (a worker that starts, or
+    missed the signal while starting, reads it)."""
     from .metrics import SLOT_SIZE
     return metrics_offset(config) + config.server.workers * SLOT_SIZE
 
@@ -444,7 +451,7 @@ async def serve(config: Config, *, worker: WorkerSpec | None = None,
                     nursery.start_soon(shell.streams.accept_loop, sock, tls, nursery)
             nursery.start_soon(shell.sweeper)
             running = Running(udp=udp_addrs, tcp=tcp_addrs, core=shell.core, stats=shell.stats,
-                              tcp_stats=shell.tcp_stats, shell=shell, tls=tls_addrs)
+                              tcp_stats=shell.tcp_stats, shell=shell, tls=tls_addrs, shared=shared)
             if metrics_listener is not None:
                 from .metrics import Admin, registry_for, serve_http, snapshot
                 running.metrics = local_address(metrics_listener.socket)
@@ -531,6 +538,9 @@ def reload_config(running: "Running", path: str) -> bool:
     if tls_context is not None:
         shell.streams.tls_context = tls_context
         log.info("TLS certificate and key reloaded from %s and %s", new.tls.cert, new.tls.key)
+    if new.log.format != old.log.format:
+        from .logs import set_format
+        set_format(new.log.format)
     logging.getLogger("turnd").setLevel(new.log.level.upper())
     if changed:
         log.warning("configuration reloaded from %s; changed keys that need a restart and were "
@@ -602,6 +612,9 @@ async def run(config: Config, worker: WorkerSpec | None = None, config_path: str
         async with trio.open_nursery() as nursery:
             running = await nursery.start(functools.partial(serve, config, worker=worker))
             running.shell.first_run_secrets = first_run_secrets
+            # (signals are listened for already: the master sets the flag, then signals)
+            if running.shared is not None and running.shared[flags_offset(config)]:
+                drain(running)
             relays = relay_sockets_needed(config)
             if files < relays + FILES_RESERVED:
                 log.warning("only %d open files allowed (RLIMIT_NOFILE): fewer than the %d relay "
@@ -622,7 +635,10 @@ async def run(config: Config, worker: WorkerSpec | None = None, config_path: str
                 if signum == signal.SIGHUP:
                     notifier.reloading()
                     if config_path:
-                        reload_config(running, config_path)
+                        try:
+                            reload_config(running, config_path)
+                        except Exception:  # a bug: the running configuration stays
+                            log.exception("reload failed, the running configuration stays")
                     notifier.ready(status_line(running, 0))
                     continue
                 if signum == signal.SIGUSR1:

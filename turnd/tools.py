@@ -74,21 +74,68 @@ def user_keys(user: str, realm: str, password: str) -> list[str]:
             for alg in (c.ALGORITHM_MD5, c.ALGORITHM_SHA256)]
 
 
-def _toml_key(user: str) -> str:
-    return user if user and all(ch.isalnum() or ch in "-_" for ch in user) else json.dumps(user)
+_TOML_ESCAPES = {"\\": "\\\\", '"': '\\"', "\b": "\\b", "\t": "\\t", "\n": "\\n",
+                 "\f": "\\f", "\r": "\\r"}
+
+
+def toml_string(text: str) -> str:
+    """A TOML basic string of ``text`` (any Unicode; control characters escaped)."""
+    out = []
+    for ch in text:
+        if ch in _TOML_ESCAPES:
+            out.append(_TOML_ESCAPES[ch])
+        elif ord(ch) < 0x20 or ord(ch) == 0x7F:
+            out.append(f"\\u{ord(ch):04x}")
+        else:
+            out.append(ch)
+    return '"' + "".join(out) + '"'
+
+
+def toml_key(key: str) -> str:
+    bare = key and all(ch.isascii() and (ch.isalnum() or ch in "-_") for ch in key)
+    return key if bare else toml_string(key)
+
+
+def toml_value(value) -> str:
+    if isinstance(value, str):
+        return toml_string(value)
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(toml_value(v) for v in value) + "]"
+    if isinstance(value, dict):
+        return "{ " + ", ".join(f"{toml_key(k)} = {toml_value(v)}" for k, v in value.items()) + " }"
+    return str(value).lower() if isinstance(value, bool) else str(value)
 
 
 def write_users_file(path: str, users: dict[str, list[str] | str]) -> None:
-    """Write ``users`` (user -> keys) atomically, mode 0600."""
+    """Write ``users`` (user -> keys) atomically: a fresh temporary file in the same
+    directory (never one someone planted), checked to read back, then renamed over the old
+    one with the old one's owner, group and mode (new files: 0600)."""
+    import tempfile
     lines = ["# turnd users: user = [MD5 key, SHA-256 key] (turnd user add / delete)\n"]
     for user, keys in users.items():
-        value = json.dumps(keys) if isinstance(keys, list) else json.dumps(keys)
-        lines.append(f"{_toml_key(user)} = {value}\n")
-    tmp = f"{path}.tmp{os.getpid()}"
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as f:
-        f.writelines(lines)
-    os.replace(tmp, path)
+        lines.append(f"{toml_key(user)} = {toml_value(keys)}\n")
+    text = "".join(lines)
+    import tomllib
+    if tomllib.loads(text) != {u: list(k) if isinstance(k, tuple) else k for u, k in users.items()}:
+        raise ValueError("the users file would not read back as written")  # never expected
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        st = None
+    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)), prefix=".users-")
+    try:
+        with os.fdopen(fd, "w") as f:
+            if st is not None:
+                os.fchmod(f.fileno(), st.st_mode & 0o777)
+                try:
+                    os.fchown(f.fileno(), st.st_uid, st.st_gid)
+                except PermissionError:
+                    pass
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
 
 
 def load_users(path: str) -> dict:

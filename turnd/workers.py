@@ -26,7 +26,8 @@ import sys
 import trio
 
 from .config import Config
-from .server import (SECRET_SIZE, WorkerSpec, log_listening, open_group, open_stream_group,
+from .server import (SECRET_SIZE, WorkerSpec, flags_offset, log_listening, open_group,
+                     open_stream_group,
                      raise_file_limit, shared_size, worker_ports)
 from .sockets import StartupError, local_address
 
@@ -65,6 +66,7 @@ async def run_master(config: Config, config_path: str, log_level: str, notifier=
                   [local_address(g[1][0]) for g in groups],
                   [local_address(g[0]) for g in tls_groups])
     stopping = trio.Event()
+    flags = mmap.mmap(shared_fd, shared_size(config))
     procs: dict[int, trio.Process] = {}
 
     async def supervise(spec: WorkerSpec) -> None:
@@ -76,7 +78,8 @@ async def run_master(config: Config, config_path: str, log_level: str, notifier=
             started = trio.current_time()
             env = {k: v for k, v in os.environ.items() if k not in NOT_FOR_WORKERS}
             proc = await trio.lowlevel.open_process(
-                cmd, pass_fds=(*spec.udp, *spec.tcp, *spec.tls, spec.shared), env=env)
+                cmd, pass_fds=(*spec.udp, *spec.tcp, *spec.tls, spec.shared), env=env,
+                preexec_fn=_ignore_reload_signals)
             procs[spec.index] = proc
             log.info("worker %d started (pid %d), relay ports %d-%d", spec.index, proc.pid,
                      *worker_ports(config.relay.ports, spec.index, count))
@@ -108,6 +111,7 @@ async def run_master(config: Config, config_path: str, log_level: str, notifier=
                             notifier.reloading()
                         else:
                             status = f"{count} workers, draining"
+                            flags[flags_offset(config)] = 1  # first: a worker starting reads it
                         for proc in procs.values():
                             if proc.returncode is None:
                                 proc.send_signal(signum)
@@ -160,6 +164,14 @@ async def _serve_metrics(listener, config: Config, shared_fd: int, count: int) -
         return out
 
     await serve_http(listener, registry_for(snapshots, time.time()))
+
+
+def _ignore_reload_signals() -> None:
+    """In a new worker, before it runs: SIGHUP and SIGUSR1 are ignored (an ignored signal
+    stays ignored across exec) until the worker listens for them, so one that comes while it
+    starts is not fatal."""
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    signal.signal(signal.SIGUSR1, signal.SIG_IGN)
 
 
 async def _watchdog(notifier) -> None:

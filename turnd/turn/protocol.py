@@ -208,8 +208,7 @@ class TurnServer:
         self.sweep_pending = False  # the last expire() hit its budget: call again soon
         # None: serving; else draining, new Allocates refused: () -> 403, (ip, port) -> 300
         self.draining: tuple | None = None
-        self._next_id = 0  # allocation ids: a prefix random per process, then a counter
-        self._id_prefix = secrets.token_hex(2) + "-"
+        self.by_id: dict[str, Allocation] = {}  # what `turnd sessions --close` names
         self.relay_ips = {_family(ip): ip for ip in config.relay_addresses}
         self.external = dict(config.external)
         # Every live relay port of this turnd (with workers, of all of them: shared memory).
@@ -330,11 +329,11 @@ class TurnServer:
     def close_allocation(self, alloc_id: str) -> list:
         """An admin ends the allocation ``alloc_id`` at once (``turnd sessions --close``):
         its relay ports return to the pool; its client's next request gets 437."""
-        for alloc in self.allocations.values():
-            if alloc.id == alloc_id:
-                self.count("allocations_closed_by_admin")
-                return [self._delete(alloc, "closed_by_admin")]
-        return []
+        alloc = self.by_id.get(alloc_id)
+        if alloc is None:
+            return []
+        self.count("allocations_closed_by_admin")
+        return [self._delete(alloc, "closed_by_admin")]
 
     def expire(self, now: float, budget: int = SWEEP_BUDGET) -> list:
         """Delete what has expired: allocations, permissions, channels, cool-downs and
@@ -574,8 +573,8 @@ class TurnServer:
         alloc = Allocation(ft, username, auth_key, integrity, now + self._lifetime(msg))
         alloc.client_key = key
         alloc.created = now
-        self._next_id += 1
-        alloc.id = f"{self._id_prefix}{self._next_id}"
+        alloc.id = secrets.token_hex(5)  # unguessable: closing one takes knowing it
+        self.by_id[alloc.id] = alloc
         new_token = None
         # The primary relay.
         ip = self.relay_ips[families[0]]
@@ -706,6 +705,7 @@ class TurnServer:
 
     def _delete(self, alloc: Allocation, reason: str = "deleted") -> AllocationDeleted:
         del self.allocations[alloc.five_tuple]
+        self.by_id.pop(alloc.id, None)
         self._unhold(alloc.username, alloc.client_key)
         for relay in alloc.relays.values():
             self.relays_by_addr.pop(relay.address, None)
