@@ -23,12 +23,24 @@ async def serve_page(page: bytes, on_request, *, task_status=trio.TASK_STATUS_IG
                     data += chunk
             target = data.split(b" ", 2)[1].decode() if data.count(b" ") >= 2 else "/"
             path, _, query = target.partition("?")
-            on_request(path, urllib.parse.parse_qs(query))
-            body = page if path == "/" else b""
-            head = (f"HTTP/1.1 200 OK\r\nContent-Type: text/html\r\nContent-Length: {len(body)}\r\n"
-                    "Connection: close\r\n\r\n").encode()
+            head, _, body = data.partition(b"\r\n\r\n")
+            length = next((int(line.split(b":", 1)[1]) for line in head.split(b"\r\n")
+                           if line.lower().startswith(b"content-length:")), 0)
+            with trio.move_on_after(5):
+                while len(body) < length:
+                    chunk = await stream.receive_some(65536)
+                    if not chunk:
+                        break
+                    body += chunk
+            if length:
+                on_request(path, {"body": [body.decode(errors="replace")]})
+            else:
+                on_request(path, urllib.parse.parse_qs(query))
+            page_body = page if path == "/" else b""
+            head = (f"HTTP/1.1 200 OK\r\nContent-Type: text/html\r\nContent-Length: {len(page_body)}\r\n"
+                    "Access-Control-Allow-Origin: *\r\nConnection: close\r\n\r\n").encode()
             try:
-                await stream.send_all(head + body)
+                await stream.send_all(head + page_body)
             except (trio.BrokenResourceError, trio.ClosedResourceError):
                 pass
 

@@ -112,6 +112,11 @@ METRICS_DEFAULT = "127.0.0.1:9641"  # coturn's prometheus port
 
 
 @attrs.frozen
+class SelftestConfig:
+    enabled: bool = True  # GET / on the TCP and TLS ports answers the self-test page
+
+
+@attrs.frozen
 class Config:
     server: ServerConfig = ServerConfig()
     tls: TlsConfig = TlsConfig()
@@ -121,6 +126,7 @@ class Config:
     limits: LimitsConfig = LimitsConfig()
     log: LogConfig = LogConfig()
     metrics: MetricsConfig = MetricsConfig()
+    selftest: SelftestConfig = SelftestConfig()
 
     def relay_addresses(self) -> tuple[str, ...]:
         """The relay IP per family: [relay] addresses, else the first listen IP of each family."""
@@ -367,6 +373,12 @@ def _parse_log(raw: Any) -> LogConfig:
     return LogConfig(level=level, format=fmt, client_addresses=clients)
 
 
+def _parse_selftest(raw: Any) -> SelftestConfig:
+    s = _Section(raw, "selftest")
+    s.check_unknown({"enabled"})
+    return SelftestConfig(enabled=s.get("enabled", bool, True))
+
+
 def _parse_metrics(raw: Any) -> MetricsConfig:
     s = _Section(raw, "metrics")
     s.check_unknown({"listen", "admin_token_file"})
@@ -461,7 +473,7 @@ def _parse_tls(raw: Any) -> TlsConfig:
 
 SECTIONS = {"server": _parse_server, "tls": _parse_tls, "auth": _parse_auth, "relay": _parse_relay,
             "peers": _parse_peers, "limits": _parse_limits, "log": _parse_log,
-            "metrics": _parse_metrics}
+            "metrics": _parse_metrics, "selftest": _parse_selftest}
 
 
 def parse_config(data: dict[str, Any]) -> Config:

@@ -431,6 +431,9 @@ async def serve(config: Config, *, worker: WorkerSpec | None = None,
     tls_addrs = [local_address(s) for s in tls_socks]
     shell = Shell(config, tuple(udp_addrs + tcp_addrs + tls_addrs), **core_args)
     shell.streams.tls_context = tls_context
+    shell.streams.page_ports = {"udp": udp_addrs[0][1] if udp_addrs else None,
+                                "tcp": tcp_addrs[0][1] if tcp_addrs else None,
+                                "tls": tls_addrs[0][1] if tls_addrs else None}
     if config.metrics.listen and worker is None:
         from .metrics import open_listener
         try:

@@ -55,7 +55,9 @@ RATE_BUCKETS = 4096  # per-IP connection rate: token buckets indexed by a hash o
 STREAM_STATS = ("connections", "open", "tls_connections", "closed_not_stun", "closed_idle",
                 "closed_reset", "refused_per_ip", "refused_total", "accept_errors",
                 "closed_tls_no_cert", "tls_handshake_failed", "closed_bad_proxy",
-                "closed_untrusted_proxy", "closed_misuse", "refused_rate")
+                "closed_untrusted_proxy", "closed_misuse", "refused_rate", "http_requests")
+HTTP_METHODS = (b"GET ", b"HEAD ", b"POST ", b"PUT ", b"DELETE ", b"OPTIONS ", b"PATCH ",
+                b"CONNECT ", b"TRACE ")
 
 
 class FrameBudget:
@@ -138,6 +140,7 @@ class StreamServer:
         self.trusted = tuple(ipaddress.ip_network(n) for n in self.config.server.proxy_protocol)
         self.channel_end = (self.core.config.channel_max >> 8) + 1
         self.connections: set[relay.StreamClient] = set()
+        self.page_ports: dict[str, int | None] = {}  # the self-test page's TURN URLs: set by serve()
         self.budget = FrameBudget()
         self.rate = TokenBuckets(RATE_BUCKETS)  # new connections per client address
 
@@ -283,6 +286,18 @@ class StreamServer:
                     raise _Closed("tls_handshake_failed") from None
                 self.stats["tls_connections"] += 1
                 tls = True
+                first = await stream.receive_some(FIRST_READ)  # the first bytes inside TLS
+                if not first:
+                    raise _Closed(None)
+            if self.config.selftest.enabled and first.startswith(HTTP_METHODS):
+                # A fresh TURN connection starts with STUN: these bytes are a browser
+                # asking for the self-test page (turnd/webpage.py), answered, then closed.
+                self.stats["http_requests"] += 1
+                from .webpage import answer_http
+                await answer_http(stream, first, local_address(conn), tls, self)
+                raise _Closed(None)
+            if first[0] >= 0x40:  # a fresh connection starts with STUN, never ChannelData
+                raise _Closed("closed_misuse" if first[0] < 0x80 else "closed_not_stun")
         if first_scope.cancelled_caught:
             raise _Closed("closed_idle")
         ft = FiveTuple("tls" if tls else "tcp", client, local_address(conn))
