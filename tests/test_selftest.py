@@ -37,10 +37,12 @@ async def test_selftest_passes_against_turnd_over_udp_tcp_and_tls(nursery, tmp_p
     port, tls_port = running.udp[0][1], running.tls[0][1]
     urls = [f"turn:127.0.0.1:{port}?transport=udp", f"turn:127.0.0.1:{port}?transport=tcp",
             f"turns:localhost:{tls_port}?transport=tcp"]
-    out = await trio.to_thread.run_sync(lambda: selftest(*urls, "--user", "alice", "--password",
-                                                         "alicepw", "--insecure"))
+    out = await trio.to_thread.run_sync(lambda: selftest(f"stun:127.0.0.1:{port}", *urls, "--user",
+                                                         "alice", "--password", "alicepw", "--insecure"))
     assert out.returncode == 0, out.stdout + out.stderr
-    lines = out.stdout.splitlines()
+    stun, *lines = out.stdout.splitlines()
+    assert re.fullmatch(rf"OK    stun:127\.0\.0\.1:{port}  sees this client as 127\.0\.0\.1:\d+, "
+                        r"round trip [\d.]+ ms", stun), stun
     assert len(lines) == 3
     for url, line in zip(urls, lines):
         assert re.fullmatch(rf"OK    {re.escape(url)}  relayed 127\.0\.0\.1:\d+ in \d+ ms, "
@@ -67,7 +69,10 @@ def test_selftest_says_what_is_wrong_with_a_closed_port():
     assert out.returncode == 1
     udp, tcp = out.stdout.splitlines()
     assert "nothing listens on that UDP port" in udp
-    assert f"connect over TCP" in tcp and f"port {port}" in tcp
+    assert f"connect over TCP: connection refused: nothing listens on TCP port {port}" in tcp
+    # stun: URLs are checked with a Binding request
+    out = selftest(f"stun:127.0.0.1:{port}", "--user", "u", "--password", "p")
+    assert out.returncode == 1 and "nothing listens on that UDP port" in out.stdout
     out = selftest("http://example.com", "--user", "u", "--password", "p")
     assert out.returncode == 1 and "expected turn:HOST" in out.stdout
 

@@ -67,6 +67,7 @@ async def test_chromium_runs_the_page_unattended_and_every_transport_passes(nurs
         assert result[kind]["ok"] is True, result
     assert result["udp"]["relay"].startswith("127.0.0.1:")
     assert result["call"]["rtt_ms"] >= 0
+    assert set(result["call"]["by_transport"]) == {"udp", "tcp", "tls"}  # a call over each
     assert running.tcp_stats["http_requests"] >= 1
     assert running.core.stats["allocations_created"] >= 5  # one per URL, and the call's
 

@@ -313,8 +313,9 @@ async def test_client_addresses_in_the_logs_are_as_private_as_configured(tmp_pat
     ports = [s.sock.getsockname()[1] for s in (turn, again, wrong)]
     expiry = user.split(":")[0]
     assert expiry not in log and "user=web-7" in log and "unknown user 'web-7'" in log
-    clients = re.findall(r"client=(\S+)", log)
+    clients = re.findall(r"allocation created .*client=(\S+)", log)
     assert len(clients) == 2
+    assert len(re.findall(r"allocation stopped .*to_client_bytes=", log)) == 2  # totals at stop
     if mode == "full":
         assert clients == [f"127.0.0.1:{ports[0]}", f"127.0.0.1:{ports[1]}"]
     else:

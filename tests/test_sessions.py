@@ -66,6 +66,9 @@ async def test_sessions_list_udp_and_tcp_allocations_with_counters_and_close_one
         d.wait_for(r"allocation closed_by_admin user=alice")
         out = await trio.to_thread.run_sync(turnd, "sessions", "--config", str(d.conf), "--close", a["id"])
         assert out.returncode == 1 and "no allocation" in out.stderr
+        from .test_metrics import scrape, value
+        s = await scrape(("127.0.0.1", mport))
+        assert value(s, "turnd_allocations_ended_total", how="closed_by_admin") == 1
     finally:
         d.stop()
 

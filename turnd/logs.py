@@ -39,9 +39,11 @@ def stderr_is_journal(environ=None) -> bool:
 
 
 class TextFormatter(logging.Formatter):
+    converter = time.gmtime  # UTC, as the JSON lines
+
     def __init__(self, who: str, journal: bool):
         fmt = f"{who} %(levelname)s %(message)s" if journal else \
-            f"%(asctime)s {who} %(levelname)s %(message)s"
+            f"%(asctime)sZ {who} %(levelname)s %(message)s"
         super().__init__(fmt)
         self.journal = journal
 

@@ -51,8 +51,9 @@ class TurnUrl:
     @classmethod
     def parse(cls, text: str) -> "TurnUrl":
         scheme, sep, rest = text.partition(":")
-        if scheme not in ("turn", "turns") or not sep:
-            raise ValueError(f"{text!r}: expected turn:HOST[:PORT][?transport=udp|tcp] or turns:...")
+        if scheme not in ("turn", "turns", "stun") or not sep:
+            raise ValueError(f"{text!r}: expected turn:HOST[:PORT][?transport=udp|tcp], turns:... "
+                             "or stun:HOST[:PORT]")
         hostport, _, query = rest.partition("?")
         params = urllib.parse.parse_qs(query)
         transport = params.get("transport", ["tcp" if scheme == "turns" else "udp"])[0]
@@ -68,6 +69,8 @@ class TurnUrl:
             number = int(port) if port else default
         except ValueError:
             raise ValueError(f"{text!r}: bad port {port!r}") from None
+        if scheme == "stun":
+            return cls(text, host, number, "stun")
         return cls(text, host, number, "tls" if scheme == "turns" else transport)
 
 
@@ -83,7 +86,7 @@ class Link:
         family, _, _, _, addr = infos[0]
         link = cls()
         link.server = addr[:2]
-        if url.transport == "udp":
+        if url.transport in ("udp", "stun"):
             link.sock = trio.socket.socket(family, socket.SOCK_DGRAM)
             await link.sock.connect(addr)
             link.stream = None
@@ -91,10 +94,17 @@ class Link:
         try:
             with trio.fail_after(TIMEOUT):
                 stream = await trio.open_tcp_stream(url.host, url.port)
-        except (OSError, trio.TooSlowError) as exc:
-            raise Failed(f"connect over TCP: {getattr(exc, 'strerror', None) or 'no answer'} "
-                         f"(check that the server listens on TCP port {url.port} and the firewall "
-                         "lets it through)") from None
+        except OSError as exc:
+            cause = exc.__cause__
+            causes = cause.exceptions if isinstance(cause, BaseExceptionGroup) else [exc]
+            refused = all(isinstance(e, ConnectionRefusedError) for e in causes)
+            why = (f"connection refused: nothing listens on TCP port {url.port}" if refused
+                   else exc.strerror or str(exc))
+            raise Failed(f"connect over TCP: {why} (check the host, the port, and the "
+                         "firewall)") from None
+        except trio.TooSlowError:
+            raise Failed(f"connect over TCP: no answer (check that the server listens on TCP "
+                         f"port {url.port} and the firewall lets it through)") from None
         if url.transport == "tls":
             ctx = ssl.create_default_context()
             if insecure:
@@ -219,8 +229,28 @@ def _decode(raw: bytes) -> Message | None:
         return None
 
 
+async def check_stun(url: TurnUrl) -> str:
+    """stun:H:P: a Binding request over UDP; the address the server saw."""
+    link = await Link.open(url, False)
+    try:
+        client = Client(link, url, "", "")
+        tid = os.urandom(12)
+        start = time.monotonic()
+        resp = await client._exchange(encode(Message(c.BINDING, c.REQUEST, tid, []),
+                                             fingerprint=True), tid, "binding")
+        seen = resp.get(c.XOR_MAPPED_ADDRESS) or resp.get(c.MAPPED_ADDRESS)
+        if seen is None:
+            raise Failed("binding: the answer has no mapped address")
+        shown = f"[{seen[0]}]:{seen[1]}" if ":" in seen[0] else f"{seen[0]}:{seen[1]}"
+        return f"sees this client as {shown}, round trip {(time.monotonic() - start) * 1000:.1f} ms"
+    finally:
+        await link.close()
+
+
 async def check(url: TurnUrl, user: str, password: str, insecure: bool) -> str:
     """One URL: the OK line, or raises Failed with the failing step."""
+    if url.transport == "stun":
+        return await check_stun(url)
     links = []
     try:
         a_link = await Link.open(url, insecure)

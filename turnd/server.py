@@ -468,6 +468,11 @@ async def serve(config: Config, *, worker: WorkerSpec | None = None,
                                    worker.index)
             task_status.started(running)
     finally:
+        for alloc in list(shell.core.allocations.values()):  # each call's totals, logged once
+            shell.log_allocation("stopped", alloc, seconds=round(shell.now() - alloc.created),
+                                 to_peers_packets=alloc.up_packets, to_peers_bytes=alloc.up_bytes,
+                                 to_client_packets=alloc.down_packets,
+                                 to_client_bytes=alloc.down_bytes)
         shell.engine.close()
         for s in udp_socks + tcp_socks + tls_socks:
             s.close()
@@ -579,7 +584,9 @@ def log_listening(config: Config, udp: list, tcp: list, tls: list = ()) -> None:
 
 def counters_line(running: Running) -> str:
     """Every non-zero counter, one line (what was relayed, refused, dropped)."""
-    parts = {**running.stats.as_dict(), **running.core.stats,
+    relay = running.stats.as_dict()
+    relay["relayed_internally"] = relay.pop("internal")  # between turnd's own allocations
+    parts = {**relay, **running.core.stats,
              **{f"tcp_{k}": v for k, v in running.tcp_stats.items()}}
     return " ".join(f"{k}={v}" for k, v in sorted(parts.items()) if v) or "none"
 

@@ -455,8 +455,11 @@ class TurnServer:
             # An unknown user costs the one HMAC a known one does: timing tells nothing.
             verify_integrity(msg, self._decoy_key)
         self.count("auth_failures")
-        raise StunError(c.UNAUTHORIZED, attributes=self._challenge(ft, now),
-                        note=("auth", f"wrong password or unknown user {user_for_logs(username)!r}"))
+        expiry = username.partition(":")[0]
+        why = (f"an expired REST credential of {user_for_logs(username)!r}"
+               if expiry.isdigit() and int(expiry) < now and not keys
+               else f"wrong password or unknown user {user_for_logs(username)!r}")
+        raise StunError(c.UNAUTHORIZED, attributes=self._challenge(ft, now), note=("auth", why))
 
     # --- TURN requests ---------------------------------------------------------------
 
