@@ -350,3 +350,15 @@ def test_host_addresses_are_turnds_own_and_a_wildcard_listen_port_is_never_a_pee
     plain.allocate(c2, ft2)
     assert error_code(plain.call(c2, ft2, c.CREATE_PERMISSION, [(c.XOR_PEER_ADDRESS, ("8.8.4.4", 1))])) == 403
     assert plain.call(c2, ft2, c.CREATE_PERMISSION, [(c.XOR_PEER_ADDRESS, ("8.8.8.8", 1))]).cls == c.SUCCESS
+
+
+def test_a_user_name_of_non_ascii_digits_gets_a_plain_401():
+    """"²:x" is digits to str.isdigit but not to int(): it once made an internal error."""
+    from .core_harness import Harness
+    from .turn_client import TurnClient
+    from turnd.stun import constants as c
+    h = Harness(users={"alice": "pw"})
+    for name in ("²:x", "٣:x", "1000000000:x", "99999999999999999999:x"):
+        client = TurnClient(name, "nope")
+        resp = h.call(client, h.five_tuple(), c.ALLOCATE, [(c.REQUESTED_TRANSPORT, 17)])
+        assert resp.get(c.ERROR_CODE).code == 401

@@ -105,3 +105,42 @@ def test_selftest_passes_against_coturn_over_udp_and_tcp(tmp_path):
     finally:
         proc.terminate()
         proc.wait(timeout=10)
+
+
+@pytest.mark.parametrize("mode", ["escapes", "no-relayed-address"])
+async def test_a_hostile_server_cannot_fool_or_crash_selftest(nursery, mode):
+    """A server whose reason phrase holds terminal escapes (a fake "OK" on screen), or whose
+    Allocate success has no XOR-RELAYED-ADDRESS: a FAIL line, printable, and the next URL is
+    still checked."""
+    from turnd.stun import Message, decode_untrusted, encode
+    from turnd.stun import constants as sc
+    from turnd.stun.attributes import ErrorCode
+    sock = trio.socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    await sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+
+    async def evil():
+        while True:
+            data, addr = await sock.recvfrom(4096)
+            msg = decode_untrusted(data)
+            if mode == "escapes":
+                attrs_ = [(sc.ERROR_CODE, ErrorCode(403, "\x1b]0;pwned\x07\x1b[2J\x1b[HOK    all good\u202e"))]
+                cls = sc.ERROR
+            else:
+                attrs_, cls = [], sc.SUCCESS
+            await sock.sendto(encode(Message(msg.method, cls, msg.transaction_id, attrs_)), addr)
+    nursery.start_soon(evil)
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.bind(("127.0.0.1", 0))
+        closed = s.getsockname()[1]
+    out = await trio.to_thread.run_sync(lambda: selftest(
+        f"turn:127.0.0.1:{port}?transport=udp", f"turn:127.0.0.1:{closed}?transport=udp",
+        "--user", "u", "--password", "p"))
+    assert out.returncode == 1
+    first, second = out.stdout.splitlines()
+    assert first.startswith("FAIL  ") and second.startswith("FAIL  ")
+    assert all(ch.isprintable() for ch in out.stdout.replace("\n", ""))
+    if mode == "escapes":
+        assert "allocate: 403 \\x1b]0;pwned" in first
+    else:
+        assert "no XOR-RELAYED-ADDRESS" in first

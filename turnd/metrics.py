@@ -94,6 +94,7 @@ class Collector:
         ports = fam(GaugeMetricFamily, "turnd_relay_ports", "Relay ports (all families) in relay.ports, and free.", ("state",))
         draining = fam(GaugeMetricFamily, "turnd_draining", "1 while draining (new allocations refused).")
         internal = fam(CounterMetricFamily, "turnd_internal_errors", "Bugs caught: a packet or connection dropped.")
+        page = fam(CounterMetricFamily, "turnd_selftest_page_requests", "HTTP requests on the TCP/TLS ports (the self-test page).")
         for worker, s in sorted(snaps.items()):
             w = [worker] if labels else []
             seen = {f"{f}/{t}": 0 for f in ("ipv4", "ipv6") for t in ("udp", "tcp", "tls")}
@@ -136,8 +137,9 @@ class Collector:
                     closed.add_metric([*w, key], n)
             draining.add_metric(w, 1 if s["draining"] else 0)
             internal.add_metric(w, s["internal_errors"])
+            page.add_metric(w, st.get("http_requests", 0))
         yield from (allocs, packets, volume, drops, auth, errors, policy, limited, created, made,
-                    conns, conns_total, refused, closed, ports, draining, internal)
+                    conns, conns_total, refused, closed, ports, draining, internal, page)
         up = GaugeMetricFamily("turnd_uptime_seconds", "Seconds since turnd started.")
         up.add_metric([], time.time() - self.started)
         yield up
@@ -225,6 +227,8 @@ class Admin:
 
     def __init__(self, running, token_file: str = ""):
         self.running, self.token_file = running, token_file
+        self.lock = trio.Lock()  # one listing at a time
+        self.cached: tuple[float, str | None, bytes] = (-1e9, None, b"")
 
     def allowed(self, peer_ip: str, headers: dict) -> bool:
         import ipaddress
@@ -242,6 +246,16 @@ class Admin:
         return bool(token) and hmac.compare_digest(given, b"Bearer " + token.encode())
 
     async def sessions(self, user: str | None) -> bytes:
+        """The listing; the same bytes within CACHE_SECONDS (however many ask)."""
+        async with self.lock:
+            at, who, body = self.cached
+            if time.monotonic() - at < CACHE_SECONDS and who == user:
+                return body
+            body = await self._sessions(user)
+            self.cached = (time.monotonic(), user, body)
+            return body
+
+    async def _sessions(self, user: str | None) -> bytes:
         running = self.running
         now = running.shell.now()
         allocs = list(running.core.allocations.values())
@@ -267,6 +281,7 @@ class Admin:
         return ('{"sessions": [' + ", ".join(parts) + "]}").encode()
 
     def close(self, alloc_id: str, by: str) -> bool:
+        self.cached = (-1e9, None, b"")
         shell = self.running.shell
         actions = self.running.core.close_allocation(alloc_id)
         if not actions:

@@ -41,6 +41,13 @@ class Failed(Exception):
     """A step failed: ``str()`` is the line to print."""
 
 
+def safe(text) -> str:
+    """Text a server chose (a reason phrase), fit for a terminal: control, escape and
+    invisible characters shown as escapes, at most 127 characters."""
+    text = str(text)[:127]
+    return text if text.isprintable() else ascii(text)[1:-1]
+
+
 @attrs.frozen
 class TurnUrl:
     text: str
@@ -192,7 +199,7 @@ class Client:
                 hint = HINTS.get(err.code, "")
                 if err.code == 300 and resp.get(c.ALTERNATE_SERVER):
                     hint += f": {resp.get(c.ALTERNATE_SERVER)}"
-                raise Failed(f"{step}: {err.code} {err.reason}" + (f" ({hint})" if hint else ""))
+                raise Failed(f"{step}: {err.code} {safe(err.reason)}" + (f" ({hint})" if hint else ""))
             return resp
         raise Failed(f"{step}: the server keeps asking for credentials")
 
@@ -260,11 +267,15 @@ async def check(url: TurnUrl, user: str, password: str, insecure: bool) -> str:
         resp = await a.request(c.ALLOCATE, [(c.REQUESTED_TRANSPORT, c.TRANSPORT_UDP)], "allocate")
         took = time.monotonic() - t0
         relayed_a = resp.get(c.XOR_RELAYED_ADDRESS)
+        if relayed_a is None:
+            raise Failed("allocate: the success response has no XOR-RELAYED-ADDRESS")
         b_link = await Link.open(url, insecure)
         links.append(b_link)
         b = Client(b_link, url, user, password)
         relayed_b = (await b.request(c.ALLOCATE, [(c.REQUESTED_TRANSPORT, c.TRANSPORT_UDP)],
                                      "second allocate")).get(c.XOR_RELAYED_ADDRESS)
+        if relayed_b is None:
+            raise Failed("second allocate: the success response has no XOR-RELAYED-ADDRESS")
         await a.request(c.CREATE_PERMISSION, [(c.XOR_PEER_ADDRESS, relayed_b)], "create permission")
         await b.request(c.CREATE_PERMISSION, [(c.XOR_PEER_ADDRESS, relayed_a)],
                         "create permission (second)")
@@ -312,8 +323,11 @@ async def run(urls: list[str], user: str, password: str, insecure: bool, echo) -
         try:
             url = TurnUrl.parse(text)
             line = await check(url, user, password, insecure)
-            echo(f"OK    {text}  {line}")
+            echo(f"OK    {safe(text)}  {line}")
         except (Failed, ValueError) as exc:
             ok = False
-            echo(f"FAIL  {text}  {exc}")
+            echo(f"FAIL  {safe(text)}  {exc}")
+        except Exception as exc:  # a server that answers what no server should
+            ok = False
+            echo(f"FAIL  {safe(text)}  unexpected answer ({type(exc).__name__}: {safe(exc)})")
     return ok

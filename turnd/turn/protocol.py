@@ -18,6 +18,7 @@ from typing import NamedTuple, Protocol
 
 import attrs
 
+from ..auth import RestSecrets
 from ..stun import constants as c
 from ..stun.attributes import AddressErrorCode, ErrorCode, PasswordAlgorithm
 from ..stun.errors import StunDecodeError, StunError
@@ -166,9 +167,9 @@ class ProtocolConfig:
 def user_for_logs(username: str) -> str:
     """A user name as logs show it: a TURN REST name ("<expiry>:<name>") without its expiry,
     which would tell apart (and date) each credential a caller was given."""
-    expiry, sep, rest = username.partition(":")
-    if expiry.isdigit():
-        return rest if sep else "(REST)"
+    if RestSecrets.expiry_of(username) is not None:
+        rest = username.partition(":")[2]
+        return rest if ":" in username else "(REST)"
     return username
 
 
@@ -455,9 +456,9 @@ class TurnServer:
             # An unknown user costs the one HMAC a known one does: timing tells nothing.
             verify_integrity(msg, self._decoy_key)
         self.count("auth_failures")
-        expiry = username.partition(":")[0]
+        expiry = RestSecrets.expiry_of(username)
         why = (f"an expired REST credential of {user_for_logs(username)!r}"
-               if expiry.isdigit() and int(expiry) < now and not keys
+               if expiry is not None and expiry < now and not keys
                else f"wrong password or unknown user {user_for_logs(username)!r}")
         raise StunError(c.UNAUTHORIZED, attributes=self._challenge(ft, now), note=("auth", why))
 
