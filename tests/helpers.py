@@ -131,6 +131,19 @@ async def relay_some(turn: "UdpTurn", peer, relayed, up: int, up_size: int, down
         await turn.recv()
 
 
+def http_status(url: str, method: str = "GET", **headers) -> int:
+    """The status of one HTTP request (blocking: call it through trio.to_thread)."""
+    import urllib.error
+    import urllib.request
+    req = urllib.request.Request(url, method=method, headers=headers,
+                                 data=b"" if method == "POST" else None)
+    try:
+        with urllib.request.urlopen(req, timeout=10) as resp:
+            return resp.status
+    except urllib.error.HTTPError as exc:
+        return exc.code
+
+
 async def recv_or_none(sock, timeout=0.3):
     with trio.move_on_after(timeout):
         return await sock.recvfrom(65536)

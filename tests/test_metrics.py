@@ -18,7 +18,7 @@ from turnd.server import serve
 from turnd.stun import constants as c
 
 from .daemon import Turnd
-from .helpers import StreamTurn, UdpTurn, relay_some, turn_config, udp_client
+from .helpers import StreamTurn, UdpTurn, http_status, relay_some, turn_config, udp_client
 
 
 def scrape_sync(addr) -> dict:
@@ -84,12 +84,7 @@ async def test_other_paths_and_methods_and_floods(nursery):
     host, port = running.metrics
 
     def get(path, method="GET"):
-        req = urllib.request.Request(f"http://{host}:{port}{path}", method=method)
-        try:
-            with urllib.request.urlopen(req, timeout=10) as resp:
-                return resp.status
-        except urllib.error.HTTPError as exc:
-            return exc.code
+        return http_status(f"http://{host}:{port}{path}", method)
     with trio.fail_after(20):
         assert await trio.to_thread.run_sync(get, "/nope") == 404
         assert await trio.to_thread.run_sync(get, "/metrics", "POST") == 405

@@ -17,7 +17,8 @@ from turnd.server import serve
 from turnd.stun import constants as c
 
 from .daemon import Turnd
-from .helpers import StreamTurn, UdpTurn, mass_allocate, relay_some, turn_config, udp_client
+from .helpers import (StreamTurn, UdpTurn, http_status, mass_allocate, relay_some, turn_config,
+                      udp_client)
 
 
 def turnd(*args) -> subprocess.CompletedProcess:
@@ -91,12 +92,7 @@ async def test_sessions_need_loopback_or_the_admin_token(nursery, tmp_path):
     running = await nursery.start(serve, config)
 
     def get(path, method="GET"):
-        req = urllib.request.Request(f"http://127.0.0.1:{running.metrics[1]}{path}", method=method)
-        try:
-            with urllib.request.urlopen(req, timeout=10) as resp:
-                return resp.status
-        except urllib.error.HTTPError as exc:
-            return exc.code
+        return http_status(f"http://127.0.0.1:{running.metrics[1]}{path}", method)
     assert await trio.to_thread.run_sync(get, "/sessions/close?id=x") == 405
     assert await trio.to_thread.run_sync(get, "/sessions/close?id=x", "POST") == 404
 
@@ -155,13 +151,7 @@ async def test_sessions_refuse_web_pages_and_rebound_names(nursery):
     port = running.metrics[1]
 
     def request(path, method="GET", **headers):
-        req = urllib.request.Request(f"http://127.0.0.1:{port}{path}", method=method,
-                                     headers=headers, data=b"" if method == "POST" else None)
-        try:
-            with urllib.request.urlopen(req, timeout=10) as resp:
-                return resp.status
-        except urllib.error.HTTPError as exc:
-            return exc.code
+        return http_status(f"http://127.0.0.1:{port}{path}", method, **headers)
     run = trio.to_thread.run_sync
     assert await run(lambda: request("/sessions", Origin="http://evil.example")) == 403
     assert await run(lambda: request("/sessions", Host="evil.example:9641")) == 403

@@ -216,6 +216,16 @@ class Client:
                "way: try ?transport=tcp)" if self.link.stream is None else "no answer")
         raise Failed(f"{step}: {why}")
 
+    async def expect(self, payload: bytes, failure: str) -> tuple | None:
+        """Wait for ``payload`` to be relayed to this client; the peer it came from (None
+        over a channel).  ``Failed(failure)`` after TIMEOUT."""
+        with trio.move_on_after(TIMEOUT):
+            while True:
+                data, peer = await self.next_data()
+                if data == payload:
+                    return peer
+        raise Failed(failure)
+
     async def next_data(self) -> tuple[bytes, tuple | None]:
         """The next relayed payload: (data, peer) from a Data indication or (data, None)
         from ChannelData."""
@@ -284,26 +294,14 @@ async def check(url: TurnUrl, user: str, password: str, insecure: bool) -> str:
         payload = b"turnd selftest " + os.urandom(8).hex().encode()
         start = time.monotonic()
         await a.link.send(CHANNEL.to_bytes(2, "big") + len(payload).to_bytes(2, "big") + payload)
-        with trio.move_on_after(TIMEOUT) as scope:
-            while True:
-                data, peer = await b.next_data()
-                if data == payload:
-                    break
-        if scope.cancelled_caught:
-            raise Failed("relay: the packet sent through the channel did not arrive at the second "
-                         "allocation (the server's relay ports may be blocked, or it refuses "
-                         "relaying to its own addresses)")
+        peer = await b.expect(payload, "relay: the packet sent through the channel did not arrive "
+                              "at the second allocation (the server's relay ports may be blocked, "
+                              "or it refuses relaying to its own addresses)")
         reply = b"back " + payload
         await b.link.send(encode(Message(c.SEND, c.INDICATION, os.urandom(12),
                                          [(c.XOR_PEER_ADDRESS, peer or relayed_a),
                                           (c.DATA_ATTR, reply)])))
-        with trio.move_on_after(TIMEOUT) as scope:
-            while True:
-                data, _ = await a.next_data()
-                if data == reply:
-                    break
-        if scope.cancelled_caught:
-            raise Failed("relay back: the answer did not arrive")
+        await a.expect(reply, "relay back: the answer did not arrive")
         rtt = (time.monotonic() - start) * 1000
         for client in (a, b):
             try:
