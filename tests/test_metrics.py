@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import re
 import time
-import urllib.error
 import urllib.request
 
 import attrs

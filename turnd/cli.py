@@ -51,7 +51,7 @@ def serve(config_path: str, log_level: str | None, worker_spec: str | None,
           first_run: str | None) -> None:
     """Serve STUN and TURN until SIGINT or SIGTERM; SIGHUP reloads, SIGUSR1 drains."""
     import signal
-    for sig in (signal.SIGHUP, signal.SIGUSR1):  # until turnd listens for them: not fatal
+    for sig in (signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2):  # until turnd listens: not fatal
         signal.signal(sig, signal.SIG_IGN)
     config = _load_or_exit(config_path)
     from .logs import setup_logging
@@ -61,6 +61,15 @@ def serve(config_path: str, log_level: str | None, worker_spec: str | None,
     log_level = log_level or config.log.level
     setup_logging(log_level, config.log.format, f"turnd[{worker.index}]" if worker else "turnd")
     notifier = Notifier()
+    adopted = None
+    if os.environ.get("TURND_HANDOVER_FD") and worker is None:
+        from .handover import StateError, receive
+        fd = int(os.environ.pop("TURND_HANDOVER_FD"))
+        try:
+            adopted = receive(fd)
+        except (StateError, OSError) as exc:
+            click.echo(f"turnd: cannot take over: {exc}", err=True)
+            sys.exit(EXIT_STARTUP)
     first_secrets = ()
     if first_run and not config.auth.users and not config.auth.secrets:
         first_secrets = _first_run(config, first_run, announce=worker is None)
@@ -71,7 +80,7 @@ def serve(config_path: str, log_level: str | None, worker_spec: str | None,
             from .workers import run_master
             trio.run(run_master, config, config_path, log_level, notifier, first_run)
         else:
-            trio.run(run, config, worker, config_path, notifier, first_secrets)
+            trio.run(run, config, worker, config_path, notifier, first_secrets, adopted)
     except* StartupError as group:
         failed = group.exceptions[0]
     if failed is not None:
@@ -425,3 +434,14 @@ def selftest(urls: tuple, user: str | None, password: str | None, secret_file: s
         sys.exit(EXIT_CONFIG)
     ok = trio.run(st.run, list(urls), user, password, insecure, click.echo)
     sys.exit(0 if ok else 1)
+
+
+@main.command()
+@click.option("--pid", type=int, default=None, help="The turnd process (default: find it).")
+@click.option("--config", "config_path", default=None, help="Find the turnd serving this file.")
+def restart(pid: int | None, config_path: str | None) -> None:
+    """Restart without dropping a call (SIGUSR2): the running turnd starts its successor
+    (the same command line: a new version on disk and a new config take effect) and hands
+    it its sockets and allocations."""
+    import signal as _signal
+    _signal_daemon(_signal.SIGUSR2, "handing over to a successor", pid, config_path, check=True)

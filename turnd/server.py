@@ -235,11 +235,32 @@ class Shell:
         # add the live ones' to these
         self.closed_traffic = [0, 0, 0, 0]
         self.first_run_secrets: tuple = ()  # make run's REST secret, kept across reloads
+        self.handed_over = False  # a successor took the sockets (turnd/handover.py)
+        self.listen_sockets: dict = {}
+        self.metrics_socket = None
         if now_fn is None:
             self._wall_offset = time.time() - trio.current_time()
 
     def now(self) -> float:
         return trio.current_time() + self._wall_offset
+
+    async def io_tasks(self, task_status=trio.TASK_STATUS_IGNORED) -> None:
+        """Everything that reads the sockets: the relay engine, the accept loops, the sweep.
+        ``pause`` stops them (a hand-over), ``resume`` starts them again."""
+        with trio.CancelScope() as self.io_scope:
+            async with trio.open_nursery() as io:
+                io.start_soon(self.engine.run)
+                for socks, tls in self.io_sockets:
+                    for sock in socks:
+                        io.start_soon(self.streams.accept_loop, sock, tls, self.nursery)
+                io.start_soon(self.sweeper)
+                task_status.started()
+
+    def pause(self) -> None:
+        self.io_scope.cancel()
+
+    def resume(self) -> None:
+        self.nursery.start_soon(self.io_tasks)
 
     def reconfigure(self, config: Config) -> None:
         """A reload: the limits and proxies of TCP/TLS connections from now on."""
@@ -393,10 +414,12 @@ def open_stream_group(host: str, port: int, count: int = 1) -> list:
     return socks
 
 
-async def serve(config: Config, *, worker: WorkerSpec | None = None,
+async def serve(config: Config, *, worker: WorkerSpec | None = None, adopted=None,
                 task_status=trio.TASK_STATUS_IGNORED) -> None:
     """Serve until cancelled.  Started with ``nursery.start``, it returns a ``Running``.
-    A worker serves the sockets its master opened, on its slice of the relay ports."""
+    A worker serves the sockets its master opened, on its slice of the relay ports; a
+    successor (``adopted``, turnd/handover.py) those and the allocations its predecessor
+    handed over."""
     udp_socks: list[socket.socket] = []
     tcp_socks: list[socket.socket] = []
     tls_socks: list[socket.socket] = []
@@ -404,18 +427,31 @@ async def serve(config: Config, *, worker: WorkerSpec | None = None,
     tls_context = load_tls(config)
     metrics_listener = None
     shared = None
+    handed = None
+    if adopted is not None:
+        from .handover import listen_sockets
+        handed = listen_sockets(adopted)
+        core_args = dict(nonce_secret=bytes.fromhex(adopted.state["nonce_secret"]))
     if worker is None:
         try:
             for ep in config.server.listen:
-                udps, tcps = open_group(ep.host, ep.port)
+                udps, tcps = _take(handed, "udp", ep), _take(handed, "tcp", ep)
+                if not udps or not tcps:
+                    for s in udps + tcps:
+                        s.close()
+                    udps, tcps = open_group(ep.host, ep.port)
                 udp_socks += udps
                 tcp_socks += tcps
             for ep in config.server.tls_listen:
-                tls_socks += open_stream_group(ep.host, ep.port)
+                tls_socks += _take(handed, "tls", ep) or open_stream_group(ep.host, ep.port)
         except BaseException:
             for s in udp_socks + tcp_socks + tls_socks:
                 s.close()
             raise
+        finally:
+            for kind in ("udp", "tcp", "tls"):  # handed over, but no longer in the config
+                for s in (handed or {}).get(kind, ()):
+                    s.close()
     else:
         for fds, socks in ((worker.udp, udp_socks), (worker.tcp, tcp_socks), (worker.tls, tls_socks)):
             for fd in fds:
@@ -437,22 +473,30 @@ async def serve(config: Config, *, worker: WorkerSpec | None = None,
     if config.metrics.listen and worker is None:
         from .metrics import open_listener
         try:
-            metrics_listener = open_listener(config.metrics.listen)
+            m = handed.pop("metrics", None) if handed else None
+            if m is not None and _same(local_address(m), config.metrics.listen):
+                metrics_listener = trio.SocketListener(trio.socket.from_stdlib_socket(m))
+            else:
+                if m is not None:
+                    m.close()
+                metrics_listener = open_listener(config.metrics.listen)
         except BaseException:
             shell.engine.close()
             for s in udp_socks + tcp_socks + tls_socks:
                 s.close()
             raise
+    shell.listen_sockets = {"udp": udp_socks, "tcp": tcp_socks, "tls": tls_socks}
+    shell.metrics_socket = metrics_listener.socket if metrics_listener is not None else None
     try:
         async with trio.open_nursery() as nursery:
             for sock, server in zip(udp_socks, udp_addrs):
                 shell.engine.add_listener(sock, functools.partial(shell.udp_slow_path, server),
                                           (shell.core.config.channel_max >> 8) + 1)
-            nursery.start_soon(shell.engine.run)
-            for socks, tls in ((tcp_socks, False), (tls_socks, True)):
-                for sock in socks:
-                    nursery.start_soon(shell.streams.accept_loop, sock, tls, nursery)
-            nursery.start_soon(shell.sweeper)
+            if adopted is not None:
+                adopt_allocations(shell, adopted, dict(zip(udp_addrs, udp_socks)))
+            shell.nursery = nursery
+            shell.io_sockets = ((tcp_socks, False), (tls_socks, True))
+            await nursery.start(shell.io_tasks)
             running = Running(udp=udp_addrs, tcp=tcp_addrs, core=shell.core, stats=shell.stats,
                               tcp_stats=shell.tcp_stats, shell=shell, tls=tls_addrs, shared=shared)
             if metrics_listener is not None:
@@ -469,6 +513,8 @@ async def serve(config: Config, *, worker: WorkerSpec | None = None,
             task_status.started(running)
     finally:
         for alloc in list(shell.core.allocations.values()):  # each call's totals, logged once
+            if shell.handed_over and alloc.five_tuple.transport == "udp":
+                continue  # the successor has it
             shell.log_allocation("stopped", alloc, seconds=round(shell.now() - alloc.created),
                                  to_peers_packets=alloc.up_packets, to_peers_bytes=alloc.up_bytes,
                                  to_client_packets=alloc.down_packets,
@@ -481,6 +527,52 @@ async def serve(config: Config, *, worker: WorkerSpec | None = None,
         for alloc in list(shell.core.allocations.values()):
             for r in alloc.relays.values():
                 r.handle.close()
+
+
+def _same(addr: tuple, ep) -> bool:
+    """Is the socket bound at ``addr`` the config's endpoint ``ep`` (port 0: any)?"""
+    return addr[0] == ep.host and (ep.port == 0 or addr[1] == ep.port)
+
+
+def _take(handed: dict | None, kind: str, ep) -> list:
+    """The handed-over listen sockets of ``kind`` bound at ``ep`` (taken out of ``handed``)."""
+    if not handed:
+        return []
+    found = [s for s in handed[kind] if _same(local_address(s), ep)]
+    handed[kind] = [s for s in handed[kind] if s not in found]
+    return found
+
+
+def adopt_allocations(shell: "Shell", adopted, listeners: dict) -> None:
+    """A successor takes over its predecessor's allocations with their relay sockets; those
+    that no longer fit this config are ended (their sockets closed) and logged."""
+    from .handover import relay_sockets
+    from .turn.protocol import FiveTuple
+    from .turn.state import import_allocation
+    socks = relay_sockets(adopted)
+    now = shell.now()
+    ended = 0
+    pos = 0
+    for entry in adopted.state["allocations"]:
+        n = len(entry["relays"])
+        mine, pos = socks[pos:pos + n], pos + n
+        server = tuple(entry["server"])
+        listener = listeners.get(server)
+        alloc = None
+        if listener is not None and entry["transport"] == "udp":
+            ft = FiveTuple("udp", tuple(entry["client"]), server)
+            alloc = import_allocation(shell.core, entry, mine, now, ft)
+        if alloc is None:
+            ended += 1
+            for s in mine:
+                s.close()
+            continue
+        alloc.client_handle = UdpOrigin(shell, listener, ft.client).attach(alloc)
+        for r in alloc.relays.values():
+            shell.engine.add_relay(r)
+    log.info("restart: adopted %d allocations%s", len(shell.core.allocations),
+             f"; {ended} no longer fit this config (listen address or relay.ports) and ended"
+             if ended else "")
 
 
 def load_tls(config: Config):
@@ -611,16 +703,21 @@ async def service(running: "Running", notifier) -> None:
 
 
 async def run(config: Config, worker: WorkerSpec | None = None, config_path: str | None = None,
-              notifier=None, first_run_secrets: tuple = ()) -> None:
+              notifier=None, first_run_secrets: tuple = (), adopted=None) -> None:
     """Serve until SIGINT or SIGTERM, then stop cleanly.  SIGHUP reloads ``config_path``,
-    SIGUSR1 drains.  ``notifier``: systemd's (turnd/notify.py), or None."""
+    SIGUSR1 drains, SIGUSR2 hands over to a successor (turnd/handover.py; ``adopted``: what
+    this turnd was handed).  ``notifier``: systemd's (turnd/notify.py), or None."""
     from .notify import Notifier
     notifier = notifier or Notifier({})
     files = raise_file_limit()
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM, signal.SIGHUP,
-                                   signal.SIGUSR1) as signals:
+                                   signal.SIGUSR1, signal.SIGUSR2) as signals:
         async with trio.open_nursery() as nursery:
-            running = await nursery.start(functools.partial(serve, config, worker=worker))
+            running = await nursery.start(functools.partial(serve, config, worker=worker,
+                                                            adopted=adopted))
+            if adopted is not None:
+                from .handover import done
+                done(adopted)  # serving: the predecessor may go
             running.shell.first_run_secrets = first_run_secrets
             # (signals are listened for already: the master sets the flag, then signals)
             if running.shared is not None and running.shared[flags_offset(config)]:
@@ -655,6 +752,14 @@ async def run(config: Config, worker: WorkerSpec | None = None, config_path: str
                     drain(running)
                     notifier.status(status_line(running, 0))
                     continue
+                if signum == signal.SIGUSR2:
+                    if worker is not None or config.server.workers > 1:
+                        log.error("restart: not with server.workers > 1 yet; still serving")
+                        continue
+                    from .handover import hand_over
+                    if not await hand_over(running):
+                        continue
+                    break
                 log.info("received %s, stopping", signal.Signals(signum).name)
                 running.core.draining = ()  # no new allocations while stopping
                 notifier.stopping(f"stopping; {len(running.core.allocations)} allocations end")

@@ -1,0 +1,102 @@
+"""Restart without dropping a call: SIGUSR2 hands the sockets and allocations to a successor
+(turnd/handover.py); a UDP client's allocation, permission and channel relay on without a new
+Allocate; a successor that can't start leaves the old one serving."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+
+import pytest
+import trio
+
+from turnd.stun import constants as c
+
+from .daemon import Turnd
+from .helpers import StreamTurn, UdpTurn, udp_client
+from .turn_client import channel_data
+
+CONFIG = ('[server]\nlisten = ["127.0.0.1:0"]\nrealm = "turnd.test"\n'
+          '[auth]\nusers = { alice = "alicepw", bob = "bobpw" }\n[relay]\nports = "44600-44699"\n'
+          '[peers]\nallow = ["127.0.0.1/32"]\n[metrics]\nlisten = ""\n')
+
+
+def successor_pid(d: Turnd) -> int:
+    return int(d.wait_for(r"restart: successor started \(pid (\d+)\)").group(1))
+
+
+def kill(pid: int) -> None:
+    try:
+        os.kill(pid, signal.SIGTERM)
+    except ProcessLookupError:
+        pass
+
+
+async def test_a_udp_call_goes_on_through_a_restart_without_a_new_allocate(tmp_path):
+    d = Turnd(tmp_path, CONFIG)
+    new = None
+    try:
+        turn = await UdpTurn.connect(("127.0.0.1", d.port))
+        relayed = await turn.allocate()
+        peer = await udp_client("127.0.0.1")
+        await turn.bind(0x4001, peer.getsockname())
+        stream = await StreamTurn.connect(("127.0.0.1", d.port), "bob", "bobpw")
+        await stream.allocate()
+        lost = 0
+        async with trio.open_nursery() as n:
+            async def echo():
+                while True:
+                    data, addr = await peer.recvfrom(2048)
+                    await peer.sendto(data, addr)
+            n.start_soon(echo)
+            for i in range(300):
+                if i == 100:
+                    d.signal(signal.SIGUSR2)
+                await turn.sock.sendto(channel_data(0x4001, b"%05d" % i), turn.server)
+                got = await turn.recv(timeout=1)
+                if got != channel_data(0x4001, b"%05d" % i):
+                    lost += 1
+                await trio.sleep(0.005)
+            n.cancel_scope.cancel()
+        new = successor_pid(d)
+        d.wait_for(r"restart: handed over to pid \d+ \(1 allocations\); 1 TCP/TLS allocations end")
+        d.wait_for(r"restart: adopted 1 allocations")
+        assert d.proc.wait(timeout=15) == 0  # the predecessor is gone
+        assert lost == 0
+        # the same allocation: its channel, its permission, its nonce (no 438), its refresh
+        assert (await turn.call(c.REFRESH)).cls == c.SUCCESS
+        await peer.sendto(b"after", relayed)
+        assert await turn.recv() == channel_data(0x4001, b"after")
+        # the TCP connection ended (not handed over yet), and with it bob's allocation
+        assert await stream.frame(timeout=2) is None
+        # the successor serves new clients too
+        other = await UdpTurn.connect(("127.0.0.1", d.port), "bob", "bobpw")
+        await other.allocate()
+    finally:
+        d.stop()
+        if new:
+            kill(new)
+
+
+async def test_a_successor_with_a_broken_config_leaves_the_old_one_serving(tmp_path):
+    d = Turnd(tmp_path, CONFIG)
+    try:
+        turn = await UdpTurn.connect(("127.0.0.1", d.port))
+        await turn.allocate()
+        d.conf.write_text(CONFIG + "[limits]\nuser_quota = -1\n")
+        # turnd restart checks the file first
+        out = subprocess.run([sys.executable, "-m", "turnd", "restart", "--pid", str(d.proc.pid)],
+                             capture_output=True, text=True, timeout=30)
+        assert out.returncode == 2 and "not reloaded" in out.stderr
+        d.signal(signal.SIGUSR2)  # a signal anyway: the successor fails, the old one stays
+        new = successor_pid(d)
+        d.wait_for(r"restart failed: the successor did not start .*; still serving")
+        assert d.proc.poll() is None
+        assert (await turn.call(c.REFRESH)).cls == c.SUCCESS
+        with pytest.raises(ProcessLookupError):
+            os.kill(new, 0)
+    finally:
+        d.stop()

@@ -1,0 +1,206 @@
+"""Restart without dropping a call (SIGUSR2, ``turnd restart``): hand the listen sockets,
+the relay sockets and the allocations to the next turnd.
+
+The kernel keeps a socket's queued datagrams as long as any process holds the descriptor, so
+a successor that holds them loses nothing.  The steps (over a unix socket pair):
+
+1. The predecessor starts its successor: the same ``turnd serve`` command line (so a new
+   version on disk and a new config take effect), with ``TURND_HANDOVER_FD`` naming its end
+   of the pair.
+2. The successor loads its config (a broken one: it exits, and the predecessor, which has
+   not paused, logs that and goes on) and says ``R``.
+3. The predecessor stops reading its sockets (``Shell.pause``), writes its state
+   (turnd/turn/state.py, versioned) into a memory file and sends it with every descriptor
+   (SCM_RIGHTS, in batches).
+4. The successor adopts them: the listen sockets its config names, the allocations that
+   still fit its config (the rest are ended and logged), the nonce secret; it starts serving
+   and says ``K``.  Only then the predecessor exits.  Without ``K`` in time (a crash, a state
+   it can't read), the predecessor kills it if need be, reads its sockets again, and logs why.
+
+TCP and TLS connections are not handed over yet: they are closed, which ends their
+allocations (logged with how many).  Not yet either: systemd's file descriptor store, workers.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import socket
+import sys
+
+import attrs
+import trio
+
+from .turn.state import STATE_VERSION, StateError, check_version, export_state
+
+log = logging.getLogger("turnd")
+
+ENV = "TURND_HANDOVER_FD"
+BATCH = 200            # descriptors per message (the kernel allows 253)
+READY_TIMEOUT = 30.0   # seconds for the successor to load its config
+ADOPT_TIMEOUT = 30.0   # seconds for it to adopt and serve
+
+
+@attrs.define
+class Adopted:
+    """What a successor received."""
+    sock: socket.socket
+    state: dict
+    fds: list  # every descriptor, in the order the state's "fds" indexes
+
+
+# --- the predecessor --------------------------------------------------------------------
+
+async def hand_over(running) -> bool:
+    """Start the successor and hand everything over; True when it took over (exit now)."""
+    shell = running.shell
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    cmd = [sys.executable, "-m", "turnd", *sys.argv[1:]]
+    env = dict(os.environ, **{ENV: str(theirs.fileno())})
+    try:
+        proc = await trio.lowlevel.open_process(cmd, pass_fds=(theirs.fileno(),), env=env)
+    except OSError as exc:
+        log.error("restart: cannot start the successor (%s); still serving", exc)
+        ours.close()
+        theirs.close()
+        return False
+    theirs.close()
+    stream = trio.SocketStream(trio.socket.from_stdlib_socket(ours))
+    log.info("restart: successor started (pid %d)", proc.pid)
+    paused = False
+    try:
+        with trio.move_on_after(READY_TIMEOUT):
+            said = await stream.receive_some(1)
+        if said != b"R":
+            raise _Failed("the successor did not start (see its lines above)")
+        shell.pause()
+        paused = True
+        state, fds = export(running)
+        await _send(ours, state, fds)
+        with trio.move_on_after(ADOPT_TIMEOUT):
+            said = await stream.receive_some(1)
+        if said != b"K":
+            raise _Failed("the successor did not take over (see its lines above)")
+    except (_Failed, OSError, trio.BrokenResourceError) as exc:
+        if proc.returncode is None:
+            proc.kill()
+        await proc.wait()
+        if paused:
+            shell.resume()
+        log.error("restart failed: %s (exit %s); still serving", exc, proc.returncode)
+        await stream.aclose()
+        return False
+    await stream.aclose()
+    streams = [c for c in shell.streams.connections if c.alloc is not None]
+    log.info("restart: handed over to pid %d (%d allocations); %d TCP/TLS allocations end with "
+             "their connections", proc.pid, len(state["allocations"]), len(streams))
+    shell.handed_over = True
+    return True
+
+
+class _Failed(Exception):
+    pass
+
+
+def export(running) -> tuple[dict, list]:
+    """The state and the descriptors to hand over (the state says which is which)."""
+    shell = running.shell
+    state, handles = export_state(running.core, shell.now(), transports=("udp",))
+    socks = shell.listen_sockets
+    fds, index = [], {}
+    for kind in ("udp", "tcp", "tls"):
+        index[kind] = list(range(len(fds), len(fds) + len(socks[kind])))
+        fds += [s.fileno() for s in socks[kind]]
+    index["metrics"] = None
+    if shell.metrics_socket is not None:
+        index["metrics"] = len(fds)
+        fds.append(shell.metrics_socket.fileno())
+    index["relays"] = len(fds)
+    fds += [h.fileno() for h in handles]
+    state["fds"] = index
+    state["listen"] = {kind: [list(s.getsockname()[:2]) for s in socks[kind]]
+                       for kind in ("udp", "tcp", "tls")}
+    return state, fds
+
+
+async def _send(sock: socket.socket, state: dict, fds: list) -> None:
+    data = json.dumps(state).encode()
+    memfd = os.memfd_create("turnd-state", os.MFD_CLOEXEC)
+    try:
+        os.write(memfd, data)
+        header = len(fds).to_bytes(4, "big") + len(data).to_bytes(4, "big")
+        await trio.to_thread.run_sync(lambda: socket.send_fds(sock, [header], [memfd]))
+        for i in range(0, len(fds), BATCH):
+            batch = fds[i:i + BATCH]
+            await trio.to_thread.run_sync(lambda b=batch: socket.send_fds(sock, [b"F"], b))
+    finally:
+        os.close(memfd)
+
+
+# --- the successor ------------------------------------------------------------------------
+
+def receive(fd: int) -> Adopted:
+    """(Blocking, before the event loop starts.)  Say ready, take the state and the
+    descriptors.  Raises StateError for a state this turnd can't read."""
+    sock = socket.socket(fileno=fd)
+    sock.setblocking(True)
+    sock.sendall(b"R")
+    header, fds_, _, _ = socket.recv_fds(sock, 8, 1)
+    if len(header) != 8 or len(fds_) != 1:
+        raise StateError("no state from the predecessor")
+    count, size = int.from_bytes(header[:4], "big"), int.from_bytes(header[4:], "big")
+    memfd = fds_[0]
+    try:
+        data = os.pread(memfd, size, 0)
+    finally:
+        os.close(memfd)
+    fds: list[int] = []
+    while len(fds) < count:
+        _, got, _, _ = socket.recv_fds(sock, 1, min(BATCH, count - len(fds)))
+        if not got:
+            raise StateError("the predecessor stopped sending descriptors")
+        fds += got
+    try:
+        state = json.loads(data)
+    except ValueError:
+        raise StateError("the state is not JSON") from None
+    check_version(state)
+    return Adopted(sock, state, fds)
+
+
+def listen_sockets(adopted: Adopted) -> dict:
+    """kind -> [socket] of the handed-over listen sockets, and "metrics"."""
+    idx = adopted.state["fds"]
+    out = {}
+    for kind in ("udp", "tcp", "tls"):
+        out[kind] = []
+        for i in idx[kind]:
+            s = socket.socket(fileno=adopted.fds[i])
+            s.setblocking(False)
+            out[kind].append(s)
+    m = idx.get("metrics")
+    out["metrics"] = socket.socket(fileno=adopted.fds[m]) if m is not None else None
+    return out
+
+
+def relay_sockets(adopted: Adopted) -> list:
+    start = adopted.state["fds"]["relays"]
+    out = []
+    for fd in adopted.fds[start:]:
+        s = socket.socket(fileno=fd)
+        s.setblocking(False)
+        out.append(s)
+    return out
+
+
+def done(adopted: Adopted) -> None:
+    """Tell the predecessor this turnd serves now (it exits)."""
+    try:
+        adopted.sock.sendall(b"K")
+    finally:
+        adopted.sock.close()
+
+
+__all__ = ["Adopted", "STATE_VERSION", "StateError", "done", "hand_over", "listen_sockets",
+           "receive", "relay_sockets"]

@@ -1,0 +1,104 @@
+"""The core's state for a hand-over to the next turnd (``turnd restart``, SIGUSR2), sans-I/O.
+
+Format (JSON), version ``STATE_VERSION``; a reader refuses any other version (the
+predecessor then keeps serving).  Times are relative ("seconds left", "seconds ago"), so the
+two processes' clocks need not agree.  A new version is made whenever a field's meaning
+changes; a field added with a default a reader can do without keeps the version.
+
+    {"version": 1,
+     "nonce_secret": hex,                  # nonces handed out stay good
+     "allocations": [{
+        "id", "transport" ("udp"|"tcp"), "client": [ip, port], "server": [ip, port],
+        "user", "key": hex, "integrity": "sha1"|"sha256", "client_key",
+        "left": seconds of lifetime, "age": seconds since created,
+        "relays": [[ip, port], ...],       # in the order of the relay sockets handed over
+        "permissions": {ip: seconds left},
+        "channels": [[number, peer ip, peer port, seconds left], ...],
+        "counters": [to peers packets, bytes, to client packets, bytes],
+        "allocate_tid": hex, "allocate_response": hex}]}
+"""
+
+from __future__ import annotations
+
+from .allocation import Allocation, Channel
+
+STATE_VERSION = 1
+
+
+class StateError(Exception):
+    """A state this turnd can't adopt (another version, or malformed)."""
+
+
+def export_state(core, now: float, transports=("udp", "tcp")) -> tuple[dict, list]:
+    """(state, relay handles in the order of the state's relays) of the allocations whose
+    transport is in ``transports``."""
+    allocations, handles = [], []
+    for alloc in core.allocations.values():
+        ft = alloc.five_tuple
+        if ft.transport not in transports or alloc.expires < now:
+            continue
+        relays = list(alloc.relays.values())
+        allocations.append({
+            "id": alloc.id, "transport": ft.transport, "client": list(ft.client),
+            "server": list(ft.server), "user": alloc.username, "key": alloc.key.hex(),
+            "integrity": alloc.integrity, "client_key": alloc.client_key,
+            "left": alloc.expires - now, "age": now - alloc.created,
+            "relays": [list(r.address) for r in relays],
+            "permissions": {ip: t - now for ip, t in alloc.permissions.items() if t >= now},
+            "channels": [[ch.number, ch.peer[0], ch.peer[1], ch.expires - now]
+                         for ch in alloc.channels.values() if ch.expires >= now],
+            "counters": [alloc.up_packets, alloc.up_bytes, alloc.down_packets, alloc.down_bytes],
+            "allocate_tid": alloc.allocate_tid.hex(),
+            "allocate_response": alloc.allocate_response.hex()})
+        handles += [r.handle for r in relays]
+    return {"version": STATE_VERSION, "nonce_secret": core.nonces._secret.hex(),
+            "allocations": allocations}, handles
+
+
+def check_version(state) -> None:
+    if not isinstance(state, dict) or state.get("version") != STATE_VERSION:
+        version = state.get("version") if isinstance(state, dict) else None
+        raise StateError(f"state version {version!r}: this turnd reads version {STATE_VERSION}")
+
+
+def import_allocation(core, entry: dict, handles: list, now: float, five_tuple) -> Allocation | None:
+    """Adopt one allocation with its relay sockets (``handles``, in the order of
+    ``entry["relays"]``).  None when it no longer fits this config (a relay address or port
+    outside it): the caller closes the sockets and logs it."""
+    relays = [tuple(r) for r in entry["relays"]]
+    for ip, port in relays:
+        pool = core.pools.get(ip)
+        if pool is None or port not in pool:
+            return None
+    alloc = Allocation(five_tuple, entry["user"], bytes.fromhex(entry["key"]), entry["integrity"],
+                       now + float(entry["left"]))
+    alloc.client_key = entry["client_key"]
+    alloc.created = now - float(entry["age"])
+    alloc.id = entry["id"]
+    alloc.allocate_tid = bytes.fromhex(entry["allocate_tid"])
+    alloc.allocate_response = bytes.fromhex(entry["allocate_response"])
+    alloc.up_packets, alloc.up_bytes, alloc.down_packets, alloc.down_bytes = entry["counters"]
+    for (ip, port), handle in zip(relays, handles):
+        core.pools[ip].take(port)
+        core._add_relay(alloc, ip, port, handle)
+    for ip, left in entry["permissions"].items():
+        alloc.permissions[ip] = now + float(left)
+    for number, peer_ip, peer_port, left in entry["channels"]:
+        relay = alloc.relays.get(6 if ":" in peer_ip else 4)
+        if relay is None:
+            continue
+        peer = (peer_ip, int(peer_port))
+        ch = Channel(int(number), peer, relay, now + float(left), peer_ip in core.own_ips)
+        alloc.channels[ch.number] = ch
+        alloc.peer_channels[peer] = ch
+    core.allocations[five_tuple] = alloc
+    core.by_id[alloc.id] = alloc
+    core._hold(alloc.username, alloc.client_key)
+    for r in alloc.relays.values():
+        core.relays_by_addr[r.address] = r
+        core.relays_by_addr[r.advertised] = r
+    core.wheel.schedule(alloc, alloc.expires)
+    for when in [*alloc.permissions.values(), *(ch.expires for ch in alloc.channels.values())]:
+        core._wake_by(alloc, when)
+    core.count("allocations_adopted")
+    return alloc
