@@ -35,3 +35,12 @@ def test_make_bench_smoke():
         assert label in table, (label, table)
     losses = [line for line in table.splitlines() if line.startswith("|   loss")]
     assert losses and all(line.split("|")[2].strip() == "0.00" for line in losses), losses
+
+
+def test_handover_bench_smoke():
+    result = subprocess.run([sys.executable, os.path.join(ROOT, "bench", "handover.py"),
+                             "--allocations", "50", "--packets", "300"], capture_output=True,
+                            text=True, timeout=120, cwd=ROOT)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "handed over 51 allocations; sockets unread for" in result.stdout, result.stdout
+    assert "call through the restart: " in result.stdout

@@ -62,7 +62,8 @@ async def test_a_udp_call_goes_on_through_a_restart_without_a_new_allocate(tmp_p
                 await trio.sleep(0.005)
             n.cancel_scope.cancel()
         new = successor_pid(d)
-        d.wait_for(r"restart: handed over to pid \d+ \(1 allocations\); 1 TCP/TLS allocations end")
+        d.wait_for(r"restart: handed over to pid \d+ \(1 allocations; sockets unread for \d+ ms\); "
+                   r"1 TCP/TLS allocations end")
         d.wait_for(r"restart: adopted 1 allocations")
         assert d.proc.wait(timeout=15) == 0  # the predecessor is gone
         assert lost == 0

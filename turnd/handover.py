@@ -76,6 +76,7 @@ async def hand_over(running) -> bool:
             raise _Failed("the successor did not start (see its lines above)")
         shell.pause()
         paused = True
+        paused_at = trio.current_time()
         state, fds = export(running)
         await _send(ours, state, fds)
         with trio.move_on_after(ADOPT_TIMEOUT):
@@ -93,8 +94,9 @@ async def hand_over(running) -> bool:
         return False
     await stream.aclose()
     streams = [c for c in shell.streams.connections if c.alloc is not None]
-    log.info("restart: handed over to pid %d (%d allocations); %d TCP/TLS allocations end with "
-             "their connections", proc.pid, len(state["allocations"]), len(streams))
+    log.info("restart: handed over to pid %d (%d allocations; sockets unread for %.0f ms); %d "
+             "TCP/TLS allocations end with their connections", proc.pid, len(state["allocations"]),
+             (trio.current_time() - paused_at) * 1000, len(streams))
     shell.handed_over = True
     return True
 

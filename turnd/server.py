@@ -496,6 +496,7 @@ async def serve(config: Config, *, worker: WorkerSpec | None = None, adopted=Non
                 adopt_allocations(shell, adopted, dict(zip(udp_addrs, udp_socks)))
             shell.nursery = nursery
             shell.io_sockets = ((tcp_socks, False), (tls_socks, True))
+            nursery.start_soon(trio.sleep_forever)  # serving lasts while paused too
             await nursery.start(shell.io_tasks)
             running = Running(udp=udp_addrs, tcp=tcp_addrs, core=shell.core, stats=shell.stats,
                               tcp_stats=shell.tcp_stats, shell=shell, tls=tls_addrs, shared=shared)
