@@ -101,3 +101,22 @@ async def test_a_successor_with_a_broken_config_leaves_the_old_one_serving(tmp_p
             os.kill(new, 0)
     finally:
         d.stop()
+
+
+async def test_under_systemd_the_successor_becomes_the_main_pid(tmp_path):
+    from .test_service import FakeSystemd
+    systemd = FakeSystemd(tmp_path)
+    d = Turnd(tmp_path, CONFIG, env={"NOTIFY_SOCKET": systemd.path, "WATCHDOG_USEC": "400000",
+                                     "WATCHDOG_PID": "1"})
+    new = None
+    try:
+        await trio.to_thread.run_sync(systemd.wait_for, "READY", "1")
+        d.signal(signal.SIGUSR2)
+        msg = await trio.to_thread.run_sync(systemd.wait_for, "MAINPID")
+        new = successor_pid(d)
+        assert int(msg["MAINPID"]) == new
+        await trio.to_thread.run_sync(lambda: systemd.wait_for("WATCHDOG", "1", timeout=3))
+    finally:
+        d.stop()
+        if new:
+            kill(new)

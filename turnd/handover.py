@@ -17,6 +17,7 @@ a successor that holds them loses nothing.  The steps (over a unix socket pair):
    and says ``K``.  Only then the predecessor exits.  Without ``K`` in time (a crash, a state
    it can't read), the predecessor kills it if need be, reads its sockets again, and logs why.
 
+Under systemd the predecessor sends ``MAINPID=`` with the successor's pid before it exits.
 TCP and TLS connections are not handed over yet: they are closed, which ends their
 allocations (logged with how many).  Not yet either: systemd's file descriptor store, workers.
 """
@@ -52,12 +53,14 @@ class Adopted:
 
 # --- the predecessor --------------------------------------------------------------------
 
-async def hand_over(running) -> bool:
-    """Start the successor and hand everything over; True when it took over (exit now)."""
+async def hand_over(running, notifier=None) -> bool:
+    """Start the successor and hand everything over; True when it took over (exit now).
+    Under systemd (``notifier``) the successor becomes the unit's main process."""
     shell = running.shell
     ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
     cmd = [sys.executable, "-m", "turnd", *sys.argv[1:]]
     env = dict(os.environ, **{ENV: str(theirs.fileno())})
+    env.pop("WATCHDOG_PID", None)  # the successor pings the watchdog once it is the main pid
     try:
         proc = await trio.lowlevel.open_process(cmd, pass_fds=(theirs.fileno(),), env=env)
     except OSError as exc:
@@ -93,6 +96,8 @@ async def hand_over(running) -> bool:
         await stream.aclose()
         return False
     await stream.aclose()
+    if notifier is not None:
+        notifier.send(f"MAINPID={proc.pid}", "STATUS=handed over to the successor")
     streams = [c for c in shell.streams.connections if c.alloc is not None]
     log.info("restart: handed over to pid %d (%d allocations; sockets unread for %.0f ms); %d "
              "TCP/TLS allocations end with their connections", proc.pid, len(state["allocations"]),

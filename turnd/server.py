@@ -758,7 +758,7 @@ async def run(config: Config, worker: WorkerSpec | None = None, config_path: str
                         log.error("restart: not with server.workers > 1 yet; still serving")
                         continue
                     from .handover import hand_over
-                    if not await hand_over(running):
+                    if not await hand_over(running, notifier):
                         continue
                     break
                 log.info("received %s, stopping", signal.Signals(signum).name)
