@@ -120,3 +120,51 @@ async def test_under_systemd_the_successor_becomes_the_main_pid(tmp_path):
         d.stop()
         if new:
             kill(new)
+
+
+@pytest.mark.interop
+async def test_a_chromium_relay_only_call_survives_a_restart_mid_call(nursery, tmp_path):
+    import tempfile
+    import urllib.parse
+    from .browsers import Child, chromium_command
+    from .interop import need
+    from .webpage import serve_page
+    need("chromium")
+    # the default peer policy: relay to relay, inside turnd
+    d = Turnd(tmp_path, '[server]\nlisten = ["127.0.0.1:0"]\nrealm = "turnd.test"\n'
+              '[auth]\nusers = { cowork = "calls-pass" }\n[relay]\nports = "44700-44799"\n'
+              '[metrics]\nlisten = ""\n')
+    new = None
+    send, events = trio.open_memory_channel(10)
+
+    def on_request(path, query):
+        if path in ("/started", "/result"):
+            send.send_nowait((path, query))
+    page = open(os.path.join(os.path.dirname(__file__), "webrtc_longcall.html"), "rb").read()
+    http_port = await nursery.start(serve_page, page, on_request)
+    query = urllib.parse.urlencode({"turn": f"turn:127.0.0.1:{d.port}?transport=udp",
+                                    "user": "cowork", "pass": "calls-pass", "seconds": "8"})
+    try:
+        with tempfile.TemporaryDirectory() as profile:
+            cmd, env = chromium_command(f"http://127.0.0.1:{http_port}/?{query}", profile)
+            child = await Child("chromium", cmd, env).start()
+            try:
+                with trio.fail_after(60):
+                    path, _ = await events.receive()
+                    assert path == "/started"
+                    await trio.sleep(2)  # mid-call
+                    d.signal(signal.SIGUSR2)
+                    path, result = await events.receive()
+            finally:
+                await child.stop()
+        new = successor_pid(d)
+        d.wait_for(r"restart: handed over to pid \d+ \(2 allocations")
+        assert result.get("ok") == ["1"], result
+        sent, received = int(result["sent"][0]), int(result["received"][0])
+        assert received >= sent - 1 and sent > 100, result  # (the last may be in flight)
+        assert int(result["max_gap_ms"][0]) < 2000, result
+        print("call through the restart:", result)
+    finally:
+        d.stop()
+        if new:
+            kill(new)
