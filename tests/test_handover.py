@@ -44,7 +44,10 @@ async def test_a_udp_call_goes_on_through_a_restart_without_a_new_allocate(tmp_p
         peer = await udp_client("127.0.0.1")
         await turn.bind(0x4001, peer.getsockname())
         stream = await StreamTurn.connect(("127.0.0.1", d.port), "bob", "bobpw")
-        await stream.allocate()
+        stream_relayed = await stream.allocate()
+        await stream.bind(0x4002, peer.getsockname())
+        _, half = stream.client.request(c.REFRESH)  # half a request in flight across the switch
+        await stream.send(half[:7])
         lost = 0
         async with trio.open_nursery() as n:
             async def echo():
@@ -62,17 +65,25 @@ async def test_a_udp_call_goes_on_through_a_restart_without_a_new_allocate(tmp_p
                 await trio.sleep(0.005)
             n.cancel_scope.cancel()
         new = successor_pid(d)
-        d.wait_for(r"restart: handed over to pid \d+ \(1 allocations; sockets unread for \d+ ms\); "
-                   r"1 TCP/TLS allocations end")
-        d.wait_for(r"restart: adopted 1 allocations")
+        d.wait_for(r"restart: handed over to pid \d+ \(2 allocations, 1 TCP connections; sockets "
+                   r"unread for \d+ ms\); 0 TLS allocations end")
+        d.wait_for(r"restart: adopted 2 allocations")
         assert d.proc.wait(timeout=15) == 0  # the predecessor is gone
         assert lost == 0
         # the same allocation: its channel, its permission, its nonce (no 438), its refresh
         assert (await turn.call(c.REFRESH)).cls == c.SUCCESS
         await peer.sendto(b"after", relayed)
         assert await turn.recv() == channel_data(0x4001, b"after")
-        # the TCP connection ended (not handed over yet), and with it bob's allocation
-        assert await stream.frame(timeout=2) is None
+        # the TCP connection went along, where it stood: the rest of the half-sent request is
+        # answered, and its allocation relays both ways
+        await stream.send(half[7:])
+        resp = stream.client.learn(await stream.frame())
+        assert resp.cls == c.SUCCESS and resp.method == c.REFRESH
+        await stream.send(channel_data(0x4002, b"tcp after"))
+        peer_got = await peer.recvfrom(2048)
+        assert peer_got[0] == b"tcp after"
+        await peer.sendto(b"to tcp", stream_relayed)
+        assert await stream.frame() == channel_data(0x4002, b"to tcp")
         # the successor serves new clients too
         other = await UdpTurn.connect(("127.0.0.1", d.port), "bob", "bobpw")
         await other.allocate()

@@ -18,8 +18,10 @@ a successor that holds them loses nothing.  The steps (over a unix socket pair):
    it can't read), the predecessor kills it if need be, reads its sockets again, and logs why.
 
 Under systemd the predecessor sends ``MAINPID=`` with the successor's pid before it exits.
-TCP and TLS connections are not handed over yet: they are closed, which ends their
-allocations (logged with how many).  Not yet either: systemd's file descriptor store, workers.
+Plain TCP connections are handed over where they stand (the bytes read but not yet framed,
+the bytes not yet written) with their allocations.  TLS connections can't move (their
+session lives in OpenSSL): they are closed, which ends their allocations (logged with how
+many).  Not yet: systemd's file descriptor store, workers.
 """
 
 from __future__ import annotations
@@ -80,8 +82,14 @@ async def hand_over(running, notifier=None) -> bool:
         shell.pause()
         paused = True
         paused_at = trio.current_time()
-        state, fds = export(running)
-        await _send(ours, state, fds)
+        frozen = await shell.streams.freeze()
+        try:
+            state, fds = export(running, frozen)
+            await _send(ours, state, fds)
+        finally:
+            for _, fd in frozen:  # sent (the successor has its own), or the hand-over failed
+                os.close(fd)
+            frozen_fts = [sc.ft for sc, _ in frozen]
         with trio.move_on_after(ADOPT_TIMEOUT):
             said = await stream.receive_some(1)
         if said != b"K":
@@ -91,6 +99,8 @@ async def hand_over(running, notifier=None) -> bool:
             proc.kill()
         await proc.wait()
         if paused:
+            for ft in frozen_fts if "frozen_fts" in locals() else ():
+                shell.execute(running.core.connection_closed(ft), None)
             shell.resume()
         log.error("restart failed: %s (exit %s); still serving", exc, proc.returncode)
         await stream.aclose()
@@ -98,10 +108,11 @@ async def hand_over(running, notifier=None) -> bool:
     await stream.aclose()
     if notifier is not None:
         notifier.send(f"MAINPID={proc.pid}", "STATUS=handed over to the successor")
-    streams = [c for c in shell.streams.connections if c.alloc is not None]
-    log.info("restart: handed over to pid %d (%d allocations; sockets unread for %.0f ms); %d "
-             "TCP/TLS allocations end with their connections", proc.pid, len(state["allocations"]),
-             (trio.current_time() - paused_at) * 1000, len(streams))
+    tls = [c for c in shell.streams.connections if c.alloc is not None]
+    log.info("restart: handed over to pid %d (%d allocations, %d TCP connections; sockets unread "
+             "for %.0f ms); %d TLS allocations end with their connections", proc.pid,
+             len(state["allocations"]), len(state["connections"]),
+             (trio.current_time() - paused_at) * 1000, len(tls))
     shell.handed_over = True
     return True
 
@@ -110,10 +121,15 @@ class _Failed(Exception):
     pass
 
 
-def export(running) -> tuple[dict, list]:
-    """The state and the descriptors to hand over (the state says which is which)."""
+def export(running, frozen: list) -> tuple[dict, list]:
+    """The state and the descriptors to hand over (the state says which is which): UDP
+    allocations, and the ``frozen`` plain TCP connections (StreamClient, dup'd fd) with
+    theirs."""
     shell = running.shell
-    state, handles = export_state(running.core, shell.now(), transports=("udp",))
+    moving = {id(sc.alloc) for sc, _ in frozen if sc.alloc is not None}
+    state, handles = export_state(
+        running.core, shell.now(),
+        keep=lambda a: a.five_tuple.transport == "udp" or id(a) in moving)
     socks = shell.listen_sockets
     fds, index = [], {}
     for kind in ("udp", "tcp", "tls"):
@@ -125,6 +141,17 @@ def export(running) -> tuple[dict, list]:
         fds.append(shell.metrics_socket.fileno())
     index["relays"] = len(fds)
     fds += [h.fileno() for h in handles]
+    position = {a["id"]: i for i, a in enumerate(state["allocations"])}
+    state["connections"] = []
+    index["connections"] = len(fds)
+    for sc, fd in frozen:
+        read, pad = sc.framer.state()
+        alloc = sc.alloc
+        state["connections"].append({
+            "client": list(sc.ft.client), "server": list(sc.ft.server), "read": read.hex(),
+            "pad": pad, "write": bytes(sc.buffer).hex(),
+            "alloc": position.get(alloc.id) if alloc is not None else None})
+        fds.append(fd)
     state["fds"] = index
     state["listen"] = {kind: [list(s.getsockname()[:2]) for s in socks[kind]]
                        for kind in ("udp", "tcp", "tls")}
@@ -192,13 +219,18 @@ def listen_sockets(adopted: Adopted) -> dict:
 
 
 def relay_sockets(adopted: Adopted) -> list:
-    start = adopted.state["fds"]["relays"]
+    idx = adopted.state["fds"]
     out = []
-    for fd in adopted.fds[start:]:
+    for fd in adopted.fds[idx["relays"]:idx.get("connections", len(adopted.fds))]:
         s = socket.socket(fileno=fd)
         s.setblocking(False)
         out.append(s)
     return out
+
+
+def connection_sockets(adopted: Adopted) -> list:
+    start = adopted.state["fds"].get("connections", len(adopted.fds))
+    return [socket.socket(fileno=fd) for fd in adopted.fds[start:]]
 
 
 def done(adopted: Adopted) -> None:

@@ -186,7 +186,8 @@ class StreamClient:
     to its requests go the same way (in order), and are not dropped: its reader waits for
     room before taking more requests (``room``)."""
 
-    __slots__ = ("sock", "buffer", "writing", "ready", "room", "alloc", "closed", "requests")
+    __slots__ = ("sock", "buffer", "writing", "ready", "room", "alloc", "closed", "requests",
+                 "framer", "ft", "scope", "handed", "done")
 
     def __init__(self, sock: socket.socket | None):
         self.sock = sock  # plain TCP: written directly when nothing waits; TLS: None
@@ -197,6 +198,11 @@ class StreamClient:
         self.alloc = None  # the allocation on this connection's 5-tuple, if any
         self.closed = False
         self.requests = 0  # STUN requests seen (what, with an allocation, keeps it alive)
+        # For a hand-over (turnd/handover.py): its framer and 5-tuple, the scope its tasks run
+        # in, set when handed to a successor, and an event set when its tasks have ended.
+        self.framer = self.ft = self.scope = None
+        self.handed = False
+        self.done = trio.Event()
 
     def send(self, data) -> bool:
         """A relayed ChannelData frame (padded to 4 here: RFC 8656 §12.5) or Data

@@ -492,9 +492,9 @@ async def serve(config: Config, *, worker: WorkerSpec | None = None, adopted=Non
             for sock, server in zip(udp_socks, udp_addrs):
                 shell.engine.add_listener(sock, functools.partial(shell.udp_slow_path, server),
                                           (shell.core.config.channel_max >> 8) + 1)
+            shell.nursery = shell.streams.nursery = nursery
             if adopted is not None:
                 adopt_allocations(shell, adopted, dict(zip(udp_addrs, udp_socks)))
-            shell.nursery = nursery
             shell.io_sockets = ((tcp_socks, False), (tls_socks, True))
             nursery.start_soon(trio.sleep_forever)  # serving lasts while paused too
             await nursery.start(shell.io_tasks)
@@ -547,30 +547,37 @@ def _take(handed: dict | None, kind: str, ep) -> list:
 def adopt_allocations(shell: "Shell", adopted, listeners: dict) -> None:
     """A successor takes over its predecessor's allocations with their relay sockets; those
     that no longer fit this config are ended (their sockets closed) and logged."""
-    from .handover import relay_sockets
+    from .handover import connection_sockets, relay_sockets
     from .turn.protocol import FiveTuple
     from .turn.state import import_allocation
     socks = relay_sockets(adopted)
     now = shell.now()
     ended = 0
     pos = 0
+    adopted_allocs = []
     for entry in adopted.state["allocations"]:
         n = len(entry["relays"])
         mine, pos = socks[pos:pos + n], pos + n
         server = tuple(entry["server"])
         listener = listeners.get(server)
+        ft = FiveTuple(entry["transport"], tuple(entry["client"]), server)
         alloc = None
-        if listener is not None and entry["transport"] == "udp":
-            ft = FiveTuple("udp", tuple(entry["client"]), server)
+        if listener is not None or entry["transport"] == "tcp":
             alloc = import_allocation(shell.core, entry, mine, now, ft)
+        adopted_allocs.append(alloc)
         if alloc is None:
             ended += 1
             for s in mine:
                 s.close()
             continue
-        alloc.client_handle = UdpOrigin(shell, listener, ft.client).attach(alloc)
-        for r in alloc.relays.values():
-            shell.engine.add_relay(r)
+        if entry["transport"] == "udp":
+            alloc.client_handle = UdpOrigin(shell, listener, ft.client).attach(alloc)
+            for r in alloc.relays.values():
+                shell.engine.add_relay(r)
+    # plain TCP connections, where the predecessor left them (their relays: when they start)
+    for conn, entry in zip(connection_sockets(adopted), adopted.state.get("connections", [])):
+        index = entry["alloc"]
+        shell.streams.adopt(conn, entry, adopted_allocs[index] if index is not None else None)
     log.info("restart: adopted %d allocations%s", len(shell.core.allocations),
              f"; {ended} no longer fit this config (listen address or relay.ports) and ended"
              if ended else "")

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import errno
 import functools
+import os
 import ipaddress
 import logging
 import socket
@@ -232,10 +233,15 @@ class StreamServer:
     # --- one connection ------------------------------------------------------------------
 
     async def connection(self, conn: socket.socket, addr: tuple, tls: bool, proxied: bool,
-                         key: str | None) -> None:
+                         key: str | None, adopted: dict | None = None) -> None:
+        """One connection, from its first byte (or, ``adopted``, from where a predecessor
+        turnd left it: turnd/handover.py)."""
         claimed = [key] if key else []
         try:
-            await self._serve(conn, addr, tls, proxied, claimed)
+            if adopted is not None:
+                await self._resume(conn, adopted)
+            else:
+                await self._serve(conn, addr, tls, proxied, claimed)
         except _Closed as closed:
             if closed.counter:
                 self.stats[closed.counter] += 1
@@ -308,18 +314,81 @@ class StreamServer:
             raise _Closed("closed_not_stun") from None
         del first  # the framer holds the bytes now: keep one copy, not two
         sc = relay.StreamClient(None if tls else conn)
+        await self._run(sc, stream, ft, framer, first_scope.deadline)
+
+    async def _run(self, sc: relay.StreamClient, stream, ft: FiveTuple, framer: StreamFramer,
+                   deadline: float) -> None:
+        """The connection's reader and writer, until it ends (or is handed over)."""
+        sc.framer, sc.ft = framer, ft
         self.connections.add(sc)
         try:
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(self._writer, sc, stream)
-                await self._reader(sc, stream, ft, framer, first_scope.deadline)
-                nursery.cancel_scope.cancel()
+            with trio.CancelScope() as sc.scope:
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(self._writer, sc, stream)
+                    await self._reader(sc, stream, ft, framer, deadline)
+                    nursery.cancel_scope.cancel()
         except BaseExceptionGroup as group:  # the reader's or the writer's, as it was
             raise _leaf(group) from None
         finally:
-            sc.closed = True
             self.connections.discard(sc)
-            self.shell.execute(self.core.connection_closed(ft), None)
+            if not sc.handed:  # (handed over: the successor serves it and its allocation)
+                sc.closed = True
+                self.shell.execute(self.core.connection_closed(ft), None)
+            sc.done.set()
+
+    async def freeze(self) -> list:
+        """A hand-over: stop reading and writing every plain TCP connection, exactly where
+        it is (what its framer holds, what waits to be written); TLS ones can't move (their
+        session lives in OpenSSL).  Returns the frozen StreamClients."""
+        frozen = [sc for sc in list(self.connections) if sc.sock is not None and not sc.closed]
+        fds = {}
+        for sc in frozen:
+            sc.handed = True
+            fds[sc] = os.dup(sc.sock.fileno())  # the connection's own fd closes as its task ends
+            sc.scope.cancel()
+        for sc in frozen:
+            await sc.done.wait()
+        return [(sc, fds[sc]) for sc in frozen]
+
+    def thaw_failed(self, frozen: list) -> None:
+        """The hand-over failed after ``freeze``: those connections are gone; so are their
+        allocations."""
+        for sc, fd in frozen:
+            os.close(fd)
+            self.shell.execute(self.core.connection_closed(sc.ft), None)
+
+    def adopt(self, conn: socket.socket, entry: dict, alloc) -> None:
+        """A successor takes over a connection (``entry``: client, server, what was read and
+        not yet framed, what waited to be written) with its allocation, if any."""
+        client = tuple(entry["client"])
+        key = self._claim_adopted(client[0])
+        self.stats["connections"] += 1
+        self.stats["open"] += 1
+        conn.setblocking(False)
+        self.nursery.start_soon(self.connection, conn, client, False, False, key,
+                                dict(entry, alloc=alloc))
+
+    def _claim_adopted(self, ip: str) -> str:
+        key = client_key(ip)
+        self.per_ip[key] = self.per_ip.get(key, 0) + 1
+        return key
+
+    async def _resume(self, conn: socket.socket, entry: dict) -> None:
+        stream = trio.SocketStream(trio.socket.from_stdlib_socket(conn))
+        ft = FiveTuple("tcp", tuple(entry["client"]), tuple(entry["server"]))
+        framer = StreamFramer(self.channel_end)
+        framer.restore(bytes.fromhex(entry["read"]), int(entry["pad"]))
+        sc = relay.StreamClient(conn)
+        sc.buffer += bytes.fromhex(entry["write"])
+        if sc.buffer:
+            sc.ready.set()
+        alloc = entry.get("alloc")
+        if alloc is not None:
+            alloc.client_handle = sc.attach(alloc)
+            for r in alloc.relays.values():
+                self.shell.engine.add_relay(r)
+        await self._run(sc, stream, ft, framer,
+                        trio.current_time() + self.config.limits.tcp_idle_timeout)
 
     async def _proxy_header(self, raw: trio.SocketStream, addr: tuple) -> tuple[tuple, bytes]:
         """The client a trusted proxy speaks for, and the bytes after its header."""
@@ -390,7 +459,21 @@ class StreamServer:
         self.shell.execute(self.core.handle_untrusted(frame, ft, self.shell.now()), sc)
 
     async def _writer(self, sc: relay.StreamClient, stream) -> None:
-        """Empty the connection's write buffer whenever something is in it."""
+        """Empty the connection's write buffer whenever something is in it.  Plain TCP is
+        written from the buffer itself, so a hand-over knows exactly what was not sent."""
+        if sc.sock is not None:
+            sock = sc.sock
+            while True:
+                await sc.ready.wait()
+                sc.ready = trio.Event()
+                while sc.buffer:
+                    try:
+                        sent = sock.send(sc.buffer)
+                    except BlockingIOError:
+                        await trio.lowlevel.wait_writable(sock)
+                        continue
+                    del sc.buffer[:sent]
+                    sc.room.set()
         while True:
             await sc.ready.wait()
             sc.ready = trio.Event()

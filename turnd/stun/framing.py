@@ -98,6 +98,14 @@ class StreamFramer:
         self._pad = -total % 4
         return frame
 
+    def state(self) -> tuple[bytes, int]:
+        """(bytes not yet framed, padding still to skip): for a hand-over."""
+        return bytes(self._buf), self._pad
+
+    def restore(self, data: bytes, pad: int) -> None:
+        self._buf = bytearray(data)
+        self._pad = pad
+
     @property
     def buffered(self) -> int:
         return len(self._buf)

@@ -29,13 +29,13 @@ class StateError(Exception):
     """A state this turnd can't adopt (another version, or malformed)."""
 
 
-def export_state(core, now: float, transports=("udp", "tcp")) -> tuple[dict, list]:
-    """(state, relay handles in the order of the state's relays) of the allocations whose
-    transport is in ``transports``."""
+def export_state(core, now: float, keep=lambda alloc: True) -> tuple[dict, list]:
+    """(state, relay handles in the order of the state's relays) of the allocations ``keep``
+    says go along."""
     allocations, handles = [], []
     for alloc in core.allocations.values():
         ft = alloc.five_tuple
-        if ft.transport not in transports or alloc.expires < now:
+        if not keep(alloc) or alloc.expires < now:
             continue
         relays = list(alloc.relays.values())
         allocations.append({
