@@ -179,3 +179,86 @@ async def test_a_chromium_relay_only_call_survives_a_restart_mid_call(nursery, t
         d.stop()
         if new:
             kill(new)
+
+
+class FdStoringSystemd:
+    """A fake systemd: a NOTIFY_SOCKET that keeps the descriptors of FDSTORE=1 (by FDNAME)
+    and forgets those of FDSTOREREMOVE=1, as systemd's file descriptor store does."""
+
+    def __init__(self, tmp_path):
+        import socket as _socket
+        self.path = str(tmp_path / "notify.sock")
+        self.sock = _socket.socket(_socket.AF_UNIX, _socket.SOCK_DGRAM)
+        self.sock.bind(self.path)
+        self.sock.setblocking(False)
+        self.store: dict[str, int] = {}
+
+    def drain(self) -> None:
+        import socket as _socket
+        while True:
+            try:
+                data, fds, _, _ = _socket.recv_fds(self.sock, 4096, 16)
+            except BlockingIOError:
+                return
+            msg = dict(line.split("=", 1) for line in data.decode().splitlines() if "=" in line)
+            name = msg.get("FDNAME", "")
+            if msg.get("FDSTORE") == "1" and fds:
+                if name in self.store:
+                    os.close(self.store[name])
+                self.store[name] = fds[0]
+            elif msg.get("FDSTOREREMOVE") == "1" and name in self.store:
+                os.close(self.store.pop(name))
+            for fd in fds[1:]:
+                os.close(fd)
+
+    def start_with_store(self, tmp_path, conf) -> subprocess.Popen:
+        """Start turnd as systemd would after a restart: the stored descriptors at 3, 4, ...
+        with LISTEN_FDS, LISTEN_FDNAMES and LISTEN_PID (its own pid: the launcher execs)."""
+        names = list(self.store)
+        fds = [self.store[n] for n in names]
+        launcher = (
+            "import fcntl, os, sys\n"
+            f"src = {fds!r}\n"
+            "high = [fcntl.fcntl(f, fcntl.F_DUPFD, 1000) for f in src]\n"
+            "for i, f in enumerate(high):\n"
+            "    os.dup2(f, 3 + i)\n"
+            "os.environ['LISTEN_PID'] = str(os.getpid())\n"
+            f"os.environ['LISTEN_FDS'] = '{len(fds)}'\n"
+            f"os.environ['LISTEN_FDNAMES'] = '{':'.join(names)}'\n"
+            f"os.execv(sys.executable, [sys.executable, '-m', 'turnd', 'serve', '--config', {str(conf)!r}])\n")
+        return subprocess.Popen([sys.executable, "-c", launcher], pass_fds=fds,
+                                stderr=open(tmp_path / "second.log", "w"),
+                                env=dict(os.environ, NOTIFY_SOCKET=self.path))
+
+
+async def test_after_a_crash_systemd_s_store_lets_the_next_turnd_carry_the_call(tmp_path):
+    systemd = FdStoringSystemd(tmp_path)
+    d = Turnd(tmp_path, CONFIG, env={"NOTIFY_SOCKET": systemd.path})
+    second = None
+    try:
+        turn = await UdpTurn.connect(("127.0.0.1", d.port))
+        relayed = await turn.allocate()
+        peer = await udp_client("127.0.0.1")
+        await turn.bind(0x4001, peer.getsockname())
+        await trio.sleep(1.5)  # the state is written at most once a second
+        systemd.drain()
+        assert {"state", f"udp-127.0.0.1-{d.port}", f"tcp-127.0.0.1-{d.port}",
+                f"relay-127.0.0.1-{relayed[1]}"} <= set(systemd.store)
+        stored_state = os.pread(systemd.store["state"], 1 << 20, 0)
+        assert b'"version": 1' in stored_state and b'"allocations": [{' in stored_state, stored_state[:300]
+        os.kill(d.proc.pid, signal.SIGKILL)  # a crash (or the watchdog's kill)
+        d.proc.wait()
+        await turn.sock.sendto(channel_data(0x4001, b"while down"), turn.server)  # waits in the kernel
+        second = systemd.start_with_store(tmp_path, d.conf)
+        with trio.fail_after(20):
+            assert (await peer.recvfrom(2048))[0] == b"while down"  # relayed by the next turnd
+            await peer.sendto(b"back", relayed)
+            assert await turn.recv() == channel_data(0x4001, b"back")
+            assert (await turn.call(c.REFRESH)).cls == c.SUCCESS  # its nonce is good too
+        log = (tmp_path / "second.log").read_text()
+        assert "restart: adopted 1 allocations" in log, log
+    finally:
+        d.stop()
+        if second is not None:
+            second.terminate()
+            second.wait(timeout=15)

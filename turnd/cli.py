@@ -70,6 +70,10 @@ def serve(config_path: str, log_level: str | None, worker_spec: str | None,
         except (StateError, OSError) as exc:
             click.echo(f"turnd: cannot take over: {exc}", err=True)
             sys.exit(EXIT_STARTUP)
+    stored: set = set()
+    if adopted is None and worker is None and config.server.workers == 1:
+        from .fdstore import from_listen_fds
+        adopted, stored = from_listen_fds()
     first_secrets = ()
     if first_run and not config.auth.users and not config.auth.secrets:
         first_secrets = _first_run(config, first_run, announce=worker is None)
@@ -80,7 +84,7 @@ def serve(config_path: str, log_level: str | None, worker_spec: str | None,
             from .workers import run_master
             trio.run(run_master, config, config_path, log_level, notifier, first_run)
         else:
-            trio.run(run, config, worker, config_path, notifier, first_secrets, adopted)
+            trio.run(run, config, worker, config_path, notifier, first_secrets, adopted, stored)
     except* StartupError as group:
         failed = group.exceptions[0]
     if failed is not None:

@@ -235,6 +235,8 @@ def connection_sockets(adopted: Adopted) -> list:
 
 def done(adopted: Adopted) -> None:
     """Tell the predecessor this turnd serves now (it exits)."""
+    if adopted.sock is None:  # from systemd's store: nobody waits
+        return
     try:
         adopted.sock.sendall(b"K")
     finally:

@@ -29,6 +29,7 @@ from .auth import AnyOf, RestSecrets, StaticUsers
 from .config import Config, ConfigError
 from .sockets import (StartupError, host_addresses, local_address, open_relay_socket,
                       open_socket)
+from .fdstore import name_of
 from .logs import address_text, client_text
 from .streams import StreamServer
 from .turn.policy import PeerPolicy
@@ -236,6 +237,7 @@ class Shell:
         self.closed_traffic = [0, 0, 0, 0]
         self.first_run_secrets: tuple = ()  # make run's REST secret, kept across reloads
         self.handed_over = False  # a successor took the sockets (turnd/handover.py)
+        self.fdstore = None  # under systemd: turnd/fdstore.py
         self.listen_sockets: dict = {}
         self.metrics_socket = None
         if now_fn is None:
@@ -292,12 +294,19 @@ class Shell:
                 action.alloc.client_handle = origin.attach(action.alloc)
                 for r in action.alloc.relays.values():
                     self.engine.add_relay(r)
+                if self.fdstore is not None:
+                    for r in action.alloc.relays.values():
+                        self.fdstore.store(name_of("relay", r.address), r.handle.fileno())
                 self.log_allocation("created", action.alloc,
                                     lifetime=round(action.alloc.expires - action.alloc.created))
             elif isinstance(action, AllocationRefreshed):
                 self.log_allocation("refreshed", action.alloc, lifetime=action.lifetime)
             elif isinstance(action, AllocationDeleted):
                 a = action.alloc
+                if self.fdstore is not None:
+                    for r in a.relays.values():
+                        self.fdstore.remove(name_of("relay", r.address))
+                    self.fdstore.changed()
                 t = self.closed_traffic
                 t[0] += a.up_packets
                 t[1] += a.up_bytes
@@ -336,6 +345,8 @@ class Shell:
         try:
             actions = self.core.handle_untrusted(data, ft, self.now())
             self.execute(actions, UdpOrigin(self, sock, addr))
+            if self.fdstore is not None:
+                self.fdstore.changed()  # (per request, not per relayed packet: a flag)
         except Exception:  # a bug, not bad input: never let it stop the other clients
             self.internal_error()
 
@@ -711,7 +722,8 @@ async def service(running: "Running", notifier) -> None:
 
 
 async def run(config: Config, worker: WorkerSpec | None = None, config_path: str | None = None,
-              notifier=None, first_run_secrets: tuple = (), adopted=None) -> None:
+              notifier=None, first_run_secrets: tuple = (), adopted=None,
+              stored: set = frozenset()) -> None:
     """Serve until SIGINT or SIGTERM, then stop cleanly.  SIGHUP reloads ``config_path``,
     SIGUSR1 drains, SIGUSR2 hands over to a successor (turnd/handover.py; ``adopted``: what
     this turnd was handed).  ``notifier``: systemd's (turnd/notify.py), or None."""
@@ -726,6 +738,11 @@ async def run(config: Config, worker: WorkerSpec | None = None, config_path: str
             if adopted is not None:
                 from .handover import done
                 done(adopted)  # serving: the predecessor may go
+            if worker is None and config.server.workers == 1 and notifier.enabled:
+                from .fdstore import FdStore
+                running.shell.fdstore = store = FdStore(notifier)
+                store.start(running, set(stored))
+                nursery.start_soon(store.keeper, running)
             running.shell.first_run_secrets = first_run_secrets
             # (signals are listened for already: the master sets the flag, then signals)
             if running.shared is not None and running.shared[flags_offset(config)]:
