@@ -42,8 +42,9 @@ def main(argv=None) -> int:
                 '[peers]\nallow = ["127.0.0.0/8"]\n[limits]\nunauthenticated_rate = 0\nip_quota = 0\n'
                 '[metrics]\nlisten = ""\n')
     log_path = os.path.join(work, "turnd.log")
+    # (stdout not ours: a successor inherits it and would hold a caller's pipe open)
     proc = subprocess.Popen([sys.executable, "-m", "turnd", "serve", "--config", conf],
-                            stderr=open(log_path, "w"), cwd=ROOT)
+                            stdout=subprocess.DEVNULL, stderr=open(log_path, "w"), cwd=ROOT)
     successor = None
     try:
         deadline = time.monotonic() + 20
@@ -96,7 +97,7 @@ def main(argv=None) -> int:
         time.sleep(1)
         stop.set()
         text = open(log_path).read()
-        m = re.search(r"handed over to pid (\d+) \((\d+) allocations; sockets unread for (\d+) ms\)", text)
+        m = re.search(r"handed over to pid (\d+) \((\d+) allocations, \d+ TCP connections; sockets unread for (\d+) ms\)", text)
         assert m, text[-2000:]
         successor = int(m.group(1))
         started = re.search(r"(\d\d:\d\d:\d\d,\d+)Z turnd INFO restart: successor started", text).group(1)
@@ -107,7 +108,8 @@ def main(argv=None) -> int:
               f"({100 * lost / args.packets:.2f} %); relayed address {relayed}")
         return 0
     finally:
-        for pid in (proc.pid, successor):
+        started = re.findall(r"successor started \(pid (\d+)\)", open(log_path).read())
+        for pid in (proc.pid, successor, *map(int, started)):
             if pid:
                 try:
                     os.kill(pid, signal.SIGTERM)
