@@ -36,7 +36,8 @@ with atheris.instrument_imports(include=["turnd"]):
     from turnd.stun import constants as c
     from turnd.stun.attributes import CODECS
     from turnd.stun.framing import MAX_FRAME, StreamFramer
-    from turnd.turn.protocol import (AllocationCreated, AllocationDeleted, FiveTuple, Refused,
+    from turnd.turn.protocol import (AllocationCreated, AllocationDeleted, AllocationRefreshed,
+                                     FiveTuple, Refused,
                                      Reply, SendToPeer)
     from tests import vectors
     from tests.core_harness import SERVER4, SERVER6, Harness
@@ -197,7 +198,8 @@ def _check_replies(h: Harness, actions: list, tokens: list) -> None:
             if token is not None:
                 tokens.append(token)
         else:
-            assert isinstance(a, (AllocationCreated, AllocationDeleted, SendToPeer, Refused)), a
+            assert isinstance(a, (AllocationCreated, AllocationDeleted, AllocationRefreshed,
+                                  SendToPeer, Refused)), a
 
 
 def _check_pool(h: Harness) -> None:
