@@ -74,6 +74,7 @@ async def hand_over(running, notifier=None) -> bool:
     stream = trio.SocketStream(trio.socket.from_stdlib_socket(ours))
     log.info("restart: successor started (pid %d)", proc.pid)
     paused = False
+    frozen_fts: list = []  # plain TCP connections frozen for the hand-over
     try:
         with trio.move_on_after(READY_TIMEOUT):
             said = await stream.receive_some(1)
@@ -99,7 +100,7 @@ async def hand_over(running, notifier=None) -> bool:
             proc.kill()
         await proc.wait()
         if paused:
-            for ft in frozen_fts if "frozen_fts" in locals() else ():
+            for ft in frozen_fts:  # those connections are gone: so are their allocations
                 shell.execute(running.core.connection_closed(ft), None)
             shell.resume()
         log.error("restart failed: %s (exit %s); still serving", exc, proc.returncode)
