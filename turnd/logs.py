@@ -111,8 +111,7 @@ def client_text(addr: tuple, mode: str, now: float | None = None) -> str:
     default: IPv4 /24, IPv6 /48, no port: a network, not a person); "hashed" (a keyed hash of
     the IP, stable for a day, so one caller's lines can be followed but not named); "none"."""
     if mode == "full":
-        ip, port = addr[0], addr[1]
-        return f"[{ip}]:{port}" if ":" in ip else f"{ip}:{port}"
+        return address_text(addr)
     if mode == "none":
         return "-"
     if mode == "hashed":

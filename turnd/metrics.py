@@ -24,6 +24,7 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 from prometheus_client.registry import CollectorRegistry
 
 from . import __version__
+from .logs import address_text
 
 log = logging.getLogger("turnd")
 
@@ -269,9 +270,9 @@ class Admin:
             if user is not None and a.username != user:
                 continue
             ft = a.five_tuple
-            out.append({"id": a.id, "user": a.username, "client": _addr(ft.client),
+            out.append({"id": a.id, "user": a.username, "client": address_text(ft.client),
                         "transport": ft.transport,
-                        "relayed": [_addr(r.advertised) for r in a.relays.values()],
+                        "relayed": [address_text(r.advertised) for r in a.relays.values()],
                         "permissions": len(a.permissions), "channels": len(a.channels),
                         "to_peers_packets": a.up_packets, "to_peers_bytes": a.up_bytes,
                         "to_client_packets": a.down_packets, "to_client_bytes": a.down_bytes,
@@ -299,11 +300,8 @@ def _unquote(value: bytes) -> str:
 def _host_is_an_address(host: bytes) -> bool:
     """Host: an IP literal (with a port) or localhost, as turnd sessions sends it."""
     import ipaddress
-    text = host.decode("ascii", errors="replace")
-    if text.startswith("["):
-        text = text[1:].partition("]")[0]
-    else:
-        text = text.rpartition(":")[0] if text.count(":") == 1 else text
+    from .webpage import host_in_header
+    text = host_in_header(host)
     if text == "localhost":
         return True
     try:
@@ -311,10 +309,6 @@ def _host_is_an_address(host: bytes) -> bool:
         return True
     except ValueError:
         return False
-
-
-def _addr(addr) -> str:
-    return f"[{addr[0]}]:{addr[1]}" if ":" in addr[0] else f"{addr[0]}:{addr[1]}"
 
 
 async def serve_http(listener: trio.SocketListener, registry: CollectorRegistry,
@@ -331,7 +325,7 @@ async def serve_http(listener: trio.SocketListener, registry: CollectorRegistry,
             return
         try:
             with trio.move_on_after(REQUEST_TIMEOUT):
-                await _answer(stream, registry, admin)
+                await _answer_untrusted(stream, registry, admin)
         except (trio.BrokenResourceError, trio.ClosedResourceError, OSError, h11.ProtocolError):
             pass
         except Exception:
@@ -343,7 +337,7 @@ async def serve_http(listener: trio.SocketListener, registry: CollectorRegistry,
     await trio.serve_listeners(one, [listener])
 
 
-async def _answer(stream: trio.SocketStream, registry: CollectorRegistry, admin: Admin | None) -> None:
+async def _answer_untrusted(stream: trio.SocketStream, registry: CollectorRegistry, admin: Admin | None) -> None:
     conn = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_REQUEST)
     while True:
         event = conn.next_event()

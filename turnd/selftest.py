@@ -17,6 +17,7 @@ import urllib.parse
 import attrs
 import trio
 
+from .logs import address_text
 from .stun import Message, decode_untrusted, encode, long_term_key
 from .stun import constants as c
 from .stun.errors import StunDecodeError
@@ -258,8 +259,7 @@ async def check_stun(url: TurnUrl) -> str:
         seen = resp.get(c.XOR_MAPPED_ADDRESS) or resp.get(c.MAPPED_ADDRESS)
         if seen is None:
             raise Failed("binding: the answer has no mapped address")
-        shown = f"[{seen[0]}]:{seen[1]}" if ":" in seen[0] else f"{seen[0]}:{seen[1]}"
-        return f"sees this client as {shown}, round trip {(time.monotonic() - start) * 1000:.1f} ms"
+        return f"sees this client as {address_text(seen)}, round trip {(time.monotonic() - start) * 1000:.1f} ms"
     finally:
         await link.close()
 
@@ -308,8 +308,7 @@ async def check(url: TurnUrl, user: str, password: str, insecure: bool) -> str:
                 await client.request(c.REFRESH, [(c.LIFETIME, 0)], "deallocate")
             except Failed:
                 pass
-        shown = f"[{relayed_a[0]}]:{relayed_a[1]}" if ":" in relayed_a[0] else f"{relayed_a[0]}:{relayed_a[1]}"
-        return f"relayed {shown} in {took * 1000:.0f} ms, round trip {rtt:.1f} ms"
+        return f"relayed {address_text(relayed_a)} in {took * 1000:.0f} ms, round trip {rtt:.1f} ms"
     finally:
         for link in links:
             await link.close()

@@ -299,8 +299,8 @@ class StreamServer:
                 # A fresh TURN connection starts with STUN: these bytes are a browser
                 # asking for the self-test page (turnd/webpage.py), answered, then closed.
                 self.stats["http_requests"] += 1
-                from .webpage import answer_http
-                await answer_http(stream, first, local_address(conn), tls, self)
+                from .webpage import answer_http_untrusted
+                await answer_http_untrusted(stream, first, local_address(conn), tls, self)
                 raise _Closed(None)
             if first[0] >= 0x40:  # a fresh connection starts with STUN, never ChannelData
                 raise _Closed("closed_misuse" if first[0] < 0x80 else "closed_not_stun")

@@ -41,12 +41,18 @@ def _load_page() -> tuple[str, str]:
 PAGE, CSP = _load_page()
 
 
+def host_in_header(value: bytes) -> str:
+    """The host of a Host header ("name", "name:port", "[v6]:port"), without the port."""
+    text = value.decode("ascii", errors="replace")
+    if text.startswith("["):
+        return text[1:].partition("]")[0]
+    return text.rpartition(":")[0] if text.count(":") == 1 else text
+
+
 def _host_of(value: bytes, local_ip: str) -> str:
     """The name the browser used (the Host header), if it is a plain host name or IP;
     else the address it reached."""
-    text = value.decode("ascii", errors="replace")
-    host = text[1:].partition("]")[0] if text.startswith("[") else text.rpartition(":")[0] \
-        if text.count(":") == 1 else text
+    host = host_in_header(value)
     try:
         return str(ipaddress.ip_address(host))
     except ValueError:
@@ -76,7 +82,7 @@ def render(host: str, ports: dict) -> bytes:
     return PAGE.replace("__TURND_CONFIG__", data).encode()
 
 
-async def answer_http(stream, first: bytes, local: tuple, tls: bool, server) -> None:
+async def answer_http_untrusted(stream, first: bytes, local: tuple, tls: bool, server) -> None:
     """Read one request (``first`` holds its first bytes) and answer it: GET or HEAD / the
     page, other paths 404, other methods 405."""
     conn = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_REQUEST)
