@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import logging
 import os
 import sys
@@ -62,6 +63,10 @@ def serve(config_path: str, log_level: str | None, worker_spec: str | None,
     setup_logging(log_level, config.log.format, f"turnd[{worker.index}]" if worker else "turnd")
     notifier = Notifier()
     adopted = None
+    if worker is None and config.server.workers == 1:
+        # Until it serves (server.run turns it back on): the collector would walk every
+        # adopted allocation's objects many times over while the sockets wait.
+        gc.disable()
     if os.environ.get("TURND_HANDOVER_FD") and worker is None:
         from .handover import StateError, receive
         fd = int(os.environ.pop("TURND_HANDOVER_FD"))

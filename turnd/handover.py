@@ -26,6 +26,8 @@ many).  Not yet: systemd's file descriptor store, workers.
 
 from __future__ import annotations
 
+import array
+import gc
 import json
 import logging
 import os
@@ -80,13 +82,16 @@ async def hand_over(running, notifier=None) -> bool:
             said = await stream.receive_some(1)
         if said != b"R":
             raise _Failed("the successor did not start (see its lines above)")
+        # (the collector would walk every allocation's objects, tens of ms a pass at 10,000,
+        # while the sockets wait: the successor pauses its own too)
+        gc.disable()
         shell.pause()
         paused = True
         paused_at = trio.current_time()
         frozen = await shell.streams.freeze()
         try:
             state, fds = export(running, frozen)
-            await _send(ours, state, fds)
+            await _send(stream.socket, state, fds)
         finally:
             for _, fd in frozen:  # sent (the successor has its own), or the hand-over failed
                 os.close(fd)
@@ -96,6 +101,7 @@ async def hand_over(running, notifier=None) -> bool:
         if said != b"K":
             raise _Failed("the successor did not take over (see its lines above)")
     except (_Failed, OSError, trio.BrokenResourceError) as exc:
+        gc.enable()
         if proc.returncode is None:
             proc.kill()
         await proc.wait()
@@ -159,18 +165,25 @@ def export(running, frozen: list) -> tuple[dict, list]:
     return state, fds
 
 
-async def _send(sock: socket.socket, state: dict, fds: list) -> None:
+async def _send(sock, state: dict, fds: list) -> None:
+    """The state in a memory file, then the descriptors in batches (``sock``: trio's, so a
+    full buffer waits for the successor to read)."""
     data = json.dumps(state).encode()
     memfd = os.memfd_create("turnd-state", os.MFD_CLOEXEC)
     try:
         os.write(memfd, data)
         header = len(fds).to_bytes(4, "big") + len(data).to_bytes(4, "big")
-        await trio.to_thread.run_sync(lambda: socket.send_fds(sock, [header], [memfd]))
+        await _send_fds(sock, header, [memfd])
         for i in range(0, len(fds), BATCH):
-            batch = fds[i:i + BATCH]
-            await trio.to_thread.run_sync(lambda b=batch: socket.send_fds(sock, [b"F"], b))
+            await _send_fds(sock, b"F", fds[i:i + BATCH])
     finally:
         os.close(memfd)
+
+
+async def _send_fds(sock, data: bytes, fds: list) -> None:
+    rights = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))]
+    if await sock.sendmsg([data], rights) != len(data):
+        raise OSError("short write to the successor")
 
 
 # --- the successor ------------------------------------------------------------------------
@@ -220,12 +233,19 @@ def listen_sockets(adopted: Adopted) -> dict:
 
 
 def relay_sockets(adopted: Adopted) -> list:
+    """The relay sockets, in the order of the allocations' relays."""
     idx = adopted.state["fds"]
+    fds = adopted.fds[idx["relays"]:idx.get("connections", len(adopted.fds))]
+    ips = [ip for entry in adopted.state["allocations"] for ip, _ in entry["relays"]]
     out = []
-    for fd in adopted.fds[idx["relays"]:idx.get("connections", len(adopted.fds))]:
-        s = socket.socket(fileno=fd)
+    for fd, ip in zip(fds, ips):
+        # (family and type given: socket() asks the kernel for none of them)
+        s = socket.socket(socket.AF_INET6 if ":" in ip else socket.AF_INET, socket.SOCK_DGRAM,
+                          0, fd)
         s.setblocking(False)
         out.append(s)
+    for fd in fds[len(out):]:  # (a state that names fewer relays than it sent)
+        os.close(fd)
     return out
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import errno
 import functools
+import gc
 import json
 import logging
 import mmap
@@ -738,6 +739,7 @@ async def run(config: Config, worker: WorkerSpec | None = None, config_path: str
             if adopted is not None:
                 from .handover import done
                 done(adopted)  # serving: the predecessor may go
+            gc.enable()  # (off while a successor adopts: turnd/cli.py)
             if worker is None and config.server.workers == 1 and notifier.enabled:
                 from .fdstore import FdStore
                 running.shell.fdstore = store = FdStore(notifier)

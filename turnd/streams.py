@@ -350,13 +350,6 @@ class StreamServer:
             await sc.done.wait()
         return [(sc, fds[sc]) for sc in frozen]
 
-    def thaw_failed(self, frozen: list) -> None:
-        """The hand-over failed after ``freeze``: those connections are gone; so are their
-        allocations."""
-        for sc, fd in frozen:
-            os.close(fd)
-            self.shell.execute(self.core.connection_closed(sc.ft), None)
-
     def adopt(self, conn: socket.socket, entry: dict, alloc) -> None:
         """A successor takes over a connection (``entry``: client, server, what was read and
         not yet framed, what waited to be written) with its allocation, if any."""
