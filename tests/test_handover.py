@@ -19,6 +19,9 @@ from .daemon import Turnd
 from .helpers import StreamTurn, UdpTurn, udp_client
 from .turn_client import channel_data
 
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench"))
+from fakesystemd import FdStoringSystemd  # noqa: E402
+
 CONFIG = ('[server]\nlisten = ["127.0.0.1:0"]\nrealm = "turnd.test"\n'
           '[auth]\nusers = { alice = "alicepw", bob = "bobpw" }\n[relay]\nports = "44600-44699"\n'
           '[peers]\nallow = ["127.0.0.1/32"]\n[metrics]\nlisten = ""\n')
@@ -181,58 +184,12 @@ async def test_a_chromium_relay_only_call_survives_a_restart_mid_call(nursery, t
             kill(new)
 
 
-class FdStoringSystemd:
-    """A fake systemd: a NOTIFY_SOCKET that keeps the descriptors of FDSTORE=1 (by FDNAME)
-    and forgets those of FDSTOREREMOVE=1, as systemd's file descriptor store does."""
-
-    def __init__(self, tmp_path):
-        import socket as _socket
-        self.path = str(tmp_path / "notify.sock")
-        self.sock = _socket.socket(_socket.AF_UNIX, _socket.SOCK_DGRAM)
-        self.sock.bind(self.path)
-        self.sock.setblocking(False)
-        self.store: dict[str, int] = {}
-
-    def drain(self) -> None:
-        import socket as _socket
-        while True:
-            try:
-                data, fds, _, _ = _socket.recv_fds(self.sock, 4096, 16)
-            except BlockingIOError:
-                return
-            msg = dict(line.split("=", 1) for line in data.decode().splitlines() if "=" in line)
-            name = msg.get("FDNAME", "")
-            if msg.get("FDSTORE") == "1" and fds:
-                if name in self.store:
-                    os.close(self.store[name])
-                self.store[name] = fds[0]
-            elif msg.get("FDSTOREREMOVE") == "1" and name in self.store:
-                os.close(self.store.pop(name))
-            for fd in fds[1:]:
-                os.close(fd)
-
-    def start_with_store(self, tmp_path, conf) -> subprocess.Popen:
-        """Start turnd as systemd would after a restart: the stored descriptors at 3, 4, ...
-        with LISTEN_FDS, LISTEN_FDNAMES and LISTEN_PID (its own pid: the launcher execs)."""
-        names = list(self.store)
-        fds = [self.store[n] for n in names]
-        launcher = (
-            "import fcntl, os, sys\n"
-            f"src = {fds!r}\n"
-            "high = [fcntl.fcntl(f, fcntl.F_DUPFD, 1000) for f in src]\n"
-            "for i, f in enumerate(high):\n"
-            "    os.dup2(f, 3 + i)\n"
-            "os.environ['LISTEN_PID'] = str(os.getpid())\n"
-            f"os.environ['LISTEN_FDS'] = '{len(fds)}'\n"
-            f"os.environ['LISTEN_FDNAMES'] = '{':'.join(names)}'\n"
-            f"os.execv(sys.executable, [sys.executable, '-m', 'turnd', 'serve', '--config', {str(conf)!r}])\n")
-        return subprocess.Popen([sys.executable, "-c", launcher], pass_fds=fds,
-                                stderr=open(tmp_path / "second.log", "w"),
-                                env=dict(os.environ, NOTIFY_SOCKET=self.path))
-
-
-async def test_after_a_crash_systemd_s_store_lets_the_next_turnd_carry_the_call(tmp_path):
-    systemd = FdStoringSystemd(tmp_path)
+@pytest.mark.parametrize("how", ["crash", "systemctl restart"])
+async def test_systemd_s_store_lets_the_next_turnd_carry_the_call(tmp_path, how):
+    """After a crash (SIGKILL, as the watchdog kills) the state is as last written (at most a
+    second old); ``systemctl restart`` (SIGTERM, the store preserved) writes it as it stands
+    when stopping, so even an allocation made just before goes on."""
+    systemd = FdStoringSystemd(str(tmp_path / "notify.sock"))
     d = Turnd(tmp_path, CONFIG, env={"NOTIFY_SOCKET": systemd.path})
     second = None
     try:
@@ -246,19 +203,35 @@ async def test_after_a_crash_systemd_s_store_lets_the_next_turnd_carry_the_call(
                 f"relay-127.0.0.1-{relayed[1]}"} <= set(systemd.store)
         stored_state = os.pread(systemd.store["state"], 1 << 20, 0)
         assert b'"version": 1' in stored_state and b'"allocations": [{' in stored_state, stored_state[:300]
-        os.kill(d.proc.pid, signal.SIGKILL)  # a crash (or the watchdog's kill)
+        late = await UdpTurn.connect(("127.0.0.1", d.port), user="bob", password="bobpw")
+        late_relayed = await late.allocate()  # younger than the last write
+        await late.bind(0x4002, peer.getsockname())
+        if how == "crash":
+            os.kill(d.proc.pid, signal.SIGKILL)  # (or the watchdog's kill)
+        else:
+            os.kill(d.proc.pid, signal.SIGTERM)  # systemctl restart: stop, then start
         d.proc.wait()
+        systemd.drain()
         await turn.sock.sendto(channel_data(0x4001, b"while down"), turn.server)  # waits in the kernel
-        second = systemd.start_with_store(tmp_path, d.conf)
+        second = systemd.start_with_store(str(d.conf), open(tmp_path / "second.log", "w"))
         with trio.fail_after(20):
             assert (await peer.recvfrom(2048))[0] == b"while down"  # relayed by the next turnd
             await peer.sendto(b"back", relayed)
             assert await turn.recv() == channel_data(0x4001, b"back")
             assert (await turn.call(c.REFRESH)).cls == c.SUCCESS  # its nonce is good too
+            if how == "systemctl restart":
+                await late.sock.sendto(channel_data(0x4002, b"late"), late.server)
+                assert (await peer.recvfrom(2048))[0] == b"late"
+                await peer.sendto(b"late back", late_relayed)
+                assert await late.recv() == channel_data(0x4002, b"late back")
         log = (tmp_path / "second.log").read_text()
-        assert "restart: adopted 1 allocations" in log, log
+        adopted = 2 if how == "systemctl restart" else 1
+        assert f"restart: adopted {adopted} allocations" in log, log
+        if how == "systemctl restart":
+            assert "2 UDP allocations kept in systemd's file descriptor store" in d.text()
     finally:
         d.stop()
         if second is not None:
             second.terminate()
             second.wait(timeout=15)
+        systemd.close()

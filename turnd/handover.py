@@ -85,7 +85,7 @@ async def hand_over(running, notifier=None) -> bool:
         # (the collector would walk every allocation's objects, tens of ms a pass at 10,000,
         # while the sockets wait: the successor pauses its own too)
         gc.disable()
-        shell.pause()
+        await shell.pause()
         paused = True
         paused_at = trio.current_time()
         frozen = await shell.streams.freeze()

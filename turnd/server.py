@@ -250,17 +250,24 @@ class Shell:
     async def io_tasks(self, task_status=trio.TASK_STATUS_IGNORED) -> None:
         """Everything that reads the sockets: the relay engine, the accept loops, the sweep.
         ``pause`` stops them (a hand-over), ``resume`` starts them again."""
-        with trio.CancelScope() as self.io_scope:
-            async with trio.open_nursery() as io:
-                io.start_soon(self.engine.run)
-                for socks, tls in self.io_sockets:
-                    for sock in socks:
-                        io.start_soon(self.streams.accept_loop, sock, tls, self.nursery)
-                io.start_soon(self.sweeper)
-                task_status.started()
+        self.io_stopped = trio.Event()
+        try:
+            with trio.CancelScope() as self.io_scope:
+                async with trio.open_nursery() as io:
+                    io.start_soon(self.engine.run)
+                    for socks, tls in self.io_sockets:
+                        for sock in socks:
+                            io.start_soon(self.streams.accept_loop, sock, tls, self.nursery)
+                    io.start_soon(self.sweeper)
+                    task_status.started()
+        finally:
+            self.io_stopped.set()
 
-    def pause(self) -> None:
+    async def pause(self) -> None:
+        """Stop reading every socket; returns once nothing reads (a task already woken
+        finishes its batch first, so nothing changes the state after this)."""
         self.io_scope.cancel()
+        await self.io_stopped.wait()
 
     def resume(self) -> None:
         self.nursery.start_soon(self.io_tasks)
@@ -722,6 +729,21 @@ async def service(running: "Running", notifier) -> None:
             last_status, last_packets = now, packets
 
 
+async def keep_in_store(running: "Running", store) -> None:
+    """Stopping under systemd with its file descriptor store: the state as it stands now
+    (not up to a second old), so that ``systemctl restart`` carries every UDP call on."""
+    await running.shell.pause()  # from here the state can't change; datagrams wait
+    try:
+        store.write(running)
+    except Exception:
+        running.shell.internal_error()
+        return
+    kept = sum(a.five_tuple.transport == "udp" for a in running.core.allocations.values())
+    running.shell.handed_over = True  # their end lines: by the next turnd, or none on a stop
+    log.info("%d UDP allocations kept in systemd's file descriptor store: a restart carries "
+             "them on, a stop ends them", kept)
+
+
 async def run(config: Config, worker: WorkerSpec | None = None, config_path: str | None = None,
               notifier=None, first_run_secrets: tuple = (), adopted=None,
               stored: set = frozenset()) -> None:
@@ -789,6 +811,9 @@ async def run(config: Config, worker: WorkerSpec | None = None, config_path: str
                     break
                 log.info("received %s, stopping", signal.Signals(signum).name)
                 running.core.draining = ()  # no new allocations while stopping
+                store = running.shell.fdstore
+                if store is not None and store.enabled:
+                    await keep_in_store(running, store)
                 notifier.stopping(f"stopping; {len(running.core.allocations)} allocations end")
                 break
             nursery.cancel_scope.cancel()

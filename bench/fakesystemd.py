@@ -1,0 +1,92 @@
+"""A fake systemd with a file descriptor store, for tests and bench/handover.py.
+
+It listens on a NOTIFY_SOCKET, keeps the descriptors turnd sends with ``FDSTORE=1`` (by
+``FDNAME=``) and forgets those of ``FDSTOREREMOVE=1``, as systemd's store does; then it
+starts the next turnd the way systemd does after a restart: the stored descriptors at 3, 4,
+... with ``LISTEN_FDS``, ``LISTEN_FDNAMES`` and ``LISTEN_PID`` (its own pid: the launcher
+execs turnd).
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import threading
+
+
+class FdStoringSystemd:
+    def __init__(self, path: str):
+        self.path = path
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.sock.bind(path)
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)
+        self.sock.setblocking(False)
+        self.store: dict[str, int] = {}
+        self.lock = threading.Lock()
+        self.stop = threading.Event()
+
+    def drain(self) -> None:
+        """Take every notification waiting (non-blocking)."""
+        while True:
+            try:
+                data, fds, _, _ = socket.recv_fds(self.sock, 4096, 16)
+            except BlockingIOError:
+                return
+            msg = dict(line.split("=", 1) for line in data.decode().splitlines() if "=" in line)
+            name = msg.get("FDNAME", "")
+            with self.lock:
+                if msg.get("FDSTORE") == "1" and fds:
+                    if name in self.store:
+                        os.close(self.store[name])
+                    self.store[name] = fds.pop(0)
+                elif msg.get("FDSTOREREMOVE") == "1" and name in self.store:
+                    os.close(self.store.pop(name))
+            for fd in fds:
+                os.close(fd)
+
+    def keep_draining(self) -> threading.Thread:
+        """Drain in a thread, as systemd reads at once (turnd's notifications block when
+        nobody reads), until ``stop`` is set."""
+        import select
+
+        def loop():
+            poller = select.poll()
+            poller.register(self.sock.fileno(), select.POLLIN)
+            while not self.stop.is_set():
+                if poller.poll(100):
+                    self.drain()
+        t = threading.Thread(target=loop, daemon=True)
+        t.start()
+        return t
+
+    def start_with_store(self, conf: str, stderr, cwd: str | None = None) -> subprocess.Popen:
+        """Start ``turnd serve --config conf`` as systemd would after a restart."""
+        with self.lock:
+            names = list(self.store)
+            fds = [self.store[n] for n in names]
+        high = len(fds) + 64  # above every target (3 .. 3+n-1): dup2 can't clobber a source
+        launcher = (
+            "import fcntl, os, sys\n"
+            f"src = {fds!r}\n"
+            f"high = [fcntl.fcntl(f, fcntl.F_DUPFD_CLOEXEC, {high}) for f in src]\n"
+            "for f in src:\n"
+            "    os.close(f)\n"
+            "for i, f in enumerate(high):\n"
+            "    os.dup2(f, 3 + i)  # (not close-on-exec: turnd gets it)\n"
+            "os.environ['LISTEN_PID'] = str(os.getpid())\n"
+            f"os.environ['LISTEN_FDS'] = '{len(fds)}'\n"
+            f"os.environ['LISTEN_FDNAMES'] = '{':'.join(names)}'\n"
+            f"os.execv(sys.executable, [sys.executable, '-m', 'turnd', 'serve', '--config', {conf!r}])\n")
+        return subprocess.Popen([sys.executable, "-c", launcher], pass_fds=fds, stderr=stderr,
+                                stdout=subprocess.DEVNULL, cwd=cwd,
+                                env=dict(os.environ, NOTIFY_SOCKET=self.path))
+
+    def close(self) -> None:
+        self.stop.set()
+        with self.lock:
+            for fd in self.store.values():
+                os.close(fd)
+            self.store.clear()
+        self.sock.close()
