@@ -9,6 +9,7 @@ execs turnd).
 
 from __future__ import annotations
 
+import fcntl
 import os
 import socket
 import subprocess
@@ -62,26 +63,22 @@ class FdStoringSystemd:
         return t
 
     def start_with_store(self, conf: str, stderr, cwd: str | None = None) -> subprocess.Popen:
-        """Start ``turnd serve --config conf`` as systemd would after a restart."""
+        """Start ``turnd serve --config conf`` as systemd would after a restart (in the child,
+        between fork and exec, as systemd does)."""
         with self.lock:
             names = list(self.store)
             fds = [self.store[n] for n in names]
         high = len(fds) + 64  # above every target (3 .. 3+n-1): dup2 can't clobber a source
-        launcher = (
-            "import fcntl, os, sys\n"
-            f"src = {fds!r}\n"
-            f"high = [fcntl.fcntl(f, fcntl.F_DUPFD_CLOEXEC, {high}) for f in src]\n"
-            "for f in src:\n"
-            "    os.close(f)\n"
-            "for i, f in enumerate(high):\n"
-            "    os.dup2(f, 3 + i)  # (not close-on-exec: turnd gets it)\n"
-            "os.environ['LISTEN_PID'] = str(os.getpid())\n"
-            f"os.environ['LISTEN_FDS'] = '{len(fds)}'\n"
-            f"os.environ['LISTEN_FDNAMES'] = '{':'.join(names)}'\n"
-            f"os.execv(sys.executable, [sys.executable, '-m', 'turnd', 'serve', '--config', {conf!r}])\n")
-        return subprocess.Popen([sys.executable, "-c", launcher], pass_fds=fds, stderr=stderr,
-                                stdout=subprocess.DEVNULL, cwd=cwd,
-                                env=dict(os.environ, NOTIFY_SOCKET=self.path))
+
+        def in_child():  # (no imports here: another thread may hold the import lock)
+            moved = [fcntl.fcntl(f, fcntl.F_DUPFD_CLOEXEC, high) for f in fds]
+            for i, f in enumerate(moved):
+                os.dup2(f, 3 + i)  # (not close-on-exec: turnd gets it)
+            os.environ.update(LISTEN_PID=str(os.getpid()), LISTEN_FDS=str(len(fds)),
+                              LISTEN_FDNAMES=":".join(names), NOTIFY_SOCKET=self.path)
+        return subprocess.Popen([sys.executable, "-m", "turnd", "serve", "--config", conf],
+                                preexec_fn=in_child, close_fds=False, stderr=stderr,
+                                stdout=subprocess.DEVNULL, cwd=cwd)
 
     def close(self) -> None:
         self.stop.set()

@@ -31,6 +31,7 @@ import select
 import socket
 import struct
 import sys
+import threading
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -269,7 +270,9 @@ def payload_of(data: bytes, send_mode: bool) -> bytes | None:
         return None
 
 
-def run_calls(args) -> dict:
+def run_calls(args, midway=None) -> dict:
+    """``midway``: called (in a thread of its own, the traffic going on) once half the
+    packets are sent: bench/handover.py restarts the server there."""
     peer_pid, peer = start_echo_peer()
     clients: list[Client] = []
     try:
@@ -292,9 +295,14 @@ def run_calls(args) -> dict:
         cpu0 = cpu_seconds(args.pid)
         start = time.monotonic()
         deadline = start + args.seconds + 2.0
+        last = start
+        gap = 0.0  # the longest time nothing came back
         while time.monotonic() < deadline and received < total:
             now = time.monotonic()
             due = min(total, int((now - start) / interval) + 1)
+            if midway is not None and sent >= total // 2:
+                threading.Thread(target=midway, daemon=True).start()
+                midway = None
             while sent < due:
                 i = sent % n
                 cl = clients[i]
@@ -318,6 +326,8 @@ def run_calls(args) -> dict:
                     _, stamp = _SEQ.unpack_from(body)
                     rtts.append(time.perf_counter_ns() - stamp)
                     received += 1
+                    now = time.monotonic()
+                    gap, last = max(gap, now - last), now
         elapsed = time.monotonic() - start
         cpu = cpu_seconds(args.pid) - cpu0
         relayed = 2 * received
@@ -328,7 +338,8 @@ def run_calls(args) -> dict:
                 "loss_pct": 100.0 * (sent - received) / max(sent, 1),
                 "cpu_us_per_relayed": 1e6 * cpu / relayed if relayed and args.pid else None,
                 "server_cpu_pct": 100.0 * cpu / elapsed if args.pid else None,
-                "rtt_p50_ms": pick(0.5), "rtt_p99_ms": pick(0.99), "setup_s": setup_s,
+                "rtt_p50_ms": pick(0.5), "rtt_p99_ms": pick(0.99), "rtt_max_ms": pick(1.0),
+                "longest_gap_ms": 1000 * gap, "setup_s": setup_s,
                 "rss_kib": rss_kib(args.pid)}
     finally:
         stop(peer_pid)

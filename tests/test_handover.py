@@ -235,3 +235,53 @@ async def test_systemd_s_store_lets_the_next_turnd_carry_the_call(tmp_path, how)
             second.terminate()
             second.wait(timeout=15)
         systemd.close()
+
+
+async def test_datagrams_arriving_while_the_next_turnd_starts_are_read_early_not_dropped(tmp_path):
+    """systemctl restart under load: the next turnd takes a few tenths of a second to start,
+    more than a listen socket's buffer holds at a busy moment.  turnd/early.py reads the
+    socket first thing and the engine serves what it read: nothing is lost.  (The listen
+    socket's buffer is shrunk here so that the same happens at test rates.)"""
+    import socket as _socket
+    systemd = FdStoringSystemd(str(tmp_path / "notify.sock"))
+    d = Turnd(tmp_path, CONFIG, env={"NOTIFY_SOCKET": systemd.path})
+    second = None
+    try:
+        turn = await UdpTurn.connect(("127.0.0.1", d.port))
+        await turn.allocate()
+        peer = await udp_client("127.0.0.1")
+        peer.setsockopt(_socket.SOL_SOCKET, _socket.SO_RCVBUF, 4 << 20)
+        await turn.bind(0x4001, peer.getsockname())
+        os.kill(d.proc.pid, signal.SIGTERM)
+        d.proc.wait()
+        systemd.drain()
+        listener = _socket.socket(fileno=os.dup(systemd.store[f"udp-127.0.0.1-{d.port}"]))
+        listener.setsockopt(_socket.SOL_SOCKET, _socket.SO_RCVBUF, 128 << 10)  # ~200 datagrams
+        listener.close()
+        second = systemd.start_with_store(str(d.conf), open(tmp_path / "second.log", "w"))
+        sent, got = 3000, set()
+        with trio.fail_after(30):
+            async with trio.open_nursery() as nursery:
+                async def receive():
+                    while len(got) < sent:
+                        got.add((await peer.recvfrom(2048))[0])
+                nursery.start_soon(receive)
+                for i in range(sent):  # 2,000 a second while the next turnd starts
+                    await turn.sock.sendto(channel_data(0x4001, b"%06d" % i), turn.server)
+                    if i % 10 == 9:
+                        await trio.sleep(0.005)
+                with trio.move_on_after(10):
+                    while len(got) < sent:
+                        await trio.sleep(0.05)
+                nursery.cancel_scope.cancel()
+        log = (tmp_path / "second.log").read_text()
+        assert len(got) == sent, (sent - len(got), log[-3000:])
+        early = re.search(r"restart: (\d+) datagrams that arrived while this turnd started were "
+                          r"read early", log)
+        assert early and int(early.group(1)) > 0, log
+    finally:
+        d.stop()
+        if second is not None:
+            second.terminate()
+            second.wait(timeout=15)
+        systemd.close()

@@ -1,3 +1,3 @@
-from .cli import main
+from .early import main
 
 main()

@@ -51,6 +51,12 @@ try:
     _recvmmsg = _libc.recvmmsg
     _recvmmsg.argtypes = (ctypes.c_int, ctypes.c_void_p, ctypes.c_uint, ctypes.c_int, ctypes.c_void_p)
     _recvmmsg.restype = ctypes.c_int
+    # The same, keeping Python's GIL through the call (on a non-blocking socket it returns at
+    # once): for a reader thread beside a busy one (turnd/early.py), which would otherwise
+    # wait for the GIL again after every call.
+    recvmmsg_holding_gil = ctypes.PyDLL(None, use_errno=True).recvmmsg
+    recvmmsg_holding_gil.argtypes = _recvmmsg.argtypes
+    recvmmsg_holding_gil.restype = ctypes.c_int
     AVAILABLE = True
 except (OSError, AttributeError):
     AVAILABLE = False
@@ -126,13 +132,14 @@ class RecvBatch:
     of ``stride`` bytes (at ``offset`` into the slot, leaving headroom in front)."""
 
     __slots__ = ("fd", "msgs", "iovs", "lens", "names", "size", "namelen", "views", "starts",
-                 "buffer", "base")
+                 "buffer", "base", "call")
 
     def __init__(self, sock: socket.socket, buffer: bytearray, size: int, stride: int, offset: int,
                  length: int):
         self.fd = sock.fileno()
         self.size = size
         self.buffer = buffer
+        self.call = _recvmmsg  # (or recvmmsg_holding_gil)
         self.base = base = address_of(buffer)
         self.namelen = SOCKADDR_SIZE[sock.family]
         self.names = bytearray(size * self.namelen)
@@ -154,10 +161,23 @@ class RecvBatch:
 
     def receive(self, limit: int) -> int:
         """Datagrams now in slots 0..n-1 (0: none waiting; -1: an error, e.g. ICMP)."""
-        n = _recvmmsg(self.fd, self.msgs, min(limit, self.size), 0, None)
+        n = self.call(self.fd, self.msgs, min(limit, self.size), 0, None)
         if n < 0 and ctypes.get_errno() in (errno.EAGAIN, errno.EWOULDBLOCK):
             return 0
         return n
+
+    def load(self, datagrams: list) -> int:
+        """Datagrams read earlier (``(bytes, raw sockaddr)``, at most ``size``, from a socket
+        of this one's family) into slots 0..n-1, as ``receive`` would have left them
+        (turnd/early.py)."""
+        namelen, names, lens, views = self.namelen, self.names, self.lens, self.views
+        for k, (data, name) in enumerate(datagrams):
+            view = views[k]
+            n = min(len(data), len(view))
+            view[:n] = data[:n]
+            names[k * namelen:(k + 1) * namelen] = name
+            LEN.pack_into(lens, k * MMSG_SIZE + LEN_OFFSET, n)
+        return len(datagrams)
 
     def receive_at(self, fd: int, first: int, limit: int) -> int:
         """From socket ``fd``, datagrams into slots first..first+n-1 (as ``receive``)."""

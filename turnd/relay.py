@@ -769,13 +769,23 @@ class RelayEngine:
                 dropped += d
         return sent, dropped
 
-    def _drain(self, h: tuple, now: float) -> tuple[int, bool]:
-        """Up to BATCH datagrams from clients on a listen socket, with one recvmmsg: (how
-        many, whether more may be waiting)."""
+    def replay(self, sock: socket.socket, datagrams: list, now: float) -> None:
+        """Datagrams read from listen socket ``sock`` before the engine ran (turnd/early.py),
+        oldest first: through the same path as those it reads, BATCH at a time."""
+        h = self.handlers[sock.fileno()]
+        batch = h[5]
+        for i in range(0, len(datagrams), BATCH):
+            self._drain(h, now, batch.load(datagrams[i:i + BATCH]))
+        self._flush()
+
+    def _drain(self, h: tuple, now: float, loaded: int = 0) -> tuple[int, bool]:
+        """Up to BATCH datagrams from clients on a listen socket, with one recvmmsg (or the
+        ``loaded`` ones ``replay`` put in the slots): (how many, whether more may be
+        waiting)."""
         _, sock, clients, slow_path, channel_end, batch = h
         forwarder = self.forwarder
         own_ips = forwarder.own_ips
-        n_got = batch.receive(BATCH)
+        n_got = loaded or batch.receive(BATCH)
         if n_got <= 0:
             if n_got < 0:  # e.g. ECONNREFUSED from an earlier ICMP error: read again next time
                 self.stats.recv_errors += 1

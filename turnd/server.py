@@ -514,6 +514,8 @@ async def serve(config: Config, *, worker: WorkerSpec | None = None, adopted=Non
             shell.nursery = shell.streams.nursery = nursery
             if adopted is not None:
                 adopt_allocations(shell, adopted, dict(zip(udp_addrs, udp_socks)))
+            if worker is None:
+                replay_early(shell, udp_socks)
             shell.io_sockets = ((tcp_socks, False), (tls_socks, True))
             nursery.start_soon(trio.sleep_forever)  # serving lasts while paused too
             await nursery.start(shell.io_tasks)
@@ -600,6 +602,44 @@ def adopt_allocations(shell: "Shell", adopted, listeners: dict) -> None:
     log.info("restart: adopted %d allocations%s", len(shell.core.allocations),
              f"; {ended} no longer fit this config (listen address or relay.ports) and ended"
              if ended else "")
+
+
+REPLAY_SECONDS = 5.0  # catching up on what turnd/early.py read, at most
+
+
+def replay_early(shell: "Shell", udp_socks: list) -> None:
+    """What turnd/early.py read from systemd's listen sockets while this turnd started,
+    served now through the engine, before it reads the sockets itself.  The reader goes on
+    while the engine catches up (so the kernel's buffers never fill), and stops when little
+    is left."""
+    from . import early
+    reader = early.reader()
+    if reader is None:
+        return
+    socks = {s.fileno(): s for s in udp_socks}
+    served = rounds = 0
+    deadline = time.monotonic() + REPLAY_SECONDS
+    try:
+        while True:
+            got = reader.take_some()
+            last = sum(map(len, got.values())) < 64 or time.monotonic() > deadline
+            if last:
+                rest = reader.stop()
+                got = {fd: got.get(fd, []) + rest.get(fd, []) for fd in rest}
+            for fd, datagrams in got.items():
+                if datagrams and fd in socks:  # (a listen address the config dropped: gone)
+                    shell.engine.replay(socks[fd], datagrams, shell.now())
+                    served += len(datagrams)
+            rounds += 1
+            if last:
+                break
+    except Exception:  # a bug: those datagrams are lost, the daemon serves
+        shell.internal_error()
+        reader.stop()
+    log.info("restart: %d datagrams that arrived while this turnd started were read early and "
+             "served now (%d rounds)%s", served, rounds,
+             f"; {reader.dropped} dropped (over {early.LIMIT_BYTES >> 20} MiB held)"
+             if reader.dropped else "")
 
 
 def load_tls(config: Config):
