@@ -359,3 +359,31 @@ def test_text_log_fields_escape_control_and_invisible_characters():
     text = TextFormatter("turnd", journal=False).format(record)
     assert "\x1b" not in text and "\u202e" not in text and "\n" not in text
     assert "user='eve\\x1b[31m\\u202eevil\\nline' n=3" in text
+
+
+def test_a_receive_buffer_capped_by_rmem_max_is_named_at_start(tmp_path):
+    """The kernel grants UDP buffers up to net.core.rmem_max (208 KiB on a stock Linux):
+    turnd says so, with the sysctl, instead of dropping silently at the first burst.  (Here
+    it asks for more than this machine's rmem_max.)"""
+    with open("/proc/sys/net/core/rmem_max") as f:
+        asked = 2 * int(f.read()) + (1 << 20)
+    conf = tmp_path / "turnd.toml"
+    conf.write_text(config_text())
+    code = ("import sys, turnd.sockets as s, turnd.server as v\n"
+            f"s.SOCKET_BUFFER = v.SOCKET_BUFFER = {asked}\n"
+            "from turnd.cli import main\n"
+            f"sys.argv = ['turnd', 'serve', '--config', {str(conf)!r}]\n"
+            "main()\n")
+    proc = subprocess.Popen([sys.executable, "-c", code], stderr=subprocess.PIPE, text=True)
+    try:
+        lines = []
+        for line in proc.stderr:
+            lines.append(line)
+            if "listening on udp" in line:
+                break
+    finally:
+        proc.terminate()
+        proc.wait(timeout=15)
+    text = "".join(lines)
+    assert f"not the {asked >> 10} KiB asked: net.core.rmem_max caps it" in text, text
+    assert "sysctl -w net.core.rmem_max=" in text

@@ -28,8 +28,8 @@ import trio
 from . import relay
 from .auth import AnyOf, RestSecrets, StaticUsers
 from .config import Config, ConfigError
-from .sockets import (StartupError, host_addresses, local_address, open_relay_socket,
-                      open_socket)
+from .sockets import (SOCKET_BUFFER, StartupError, host_addresses, local_address,
+                      open_relay_socket, open_socket, set_buffers)
 from .fdstore import name_of
 from .logs import address_text, client_text
 from .streams import StreamServer
@@ -481,6 +481,8 @@ async def serve(config: Config, *, worker: WorkerSpec | None = None, adopted=Non
         core_args = dict(port_range=worker_ports(config.relay.ports, worker.index, worker.count),
                          nonce_secret=bytes(shared[:SECRET_SIZE]),
                          live_buffer=memoryview(shared)[SECRET_SIZE:metrics_offset(config)])
+    for s in udp_socks:  # (adopted ones too: a raised net.core.rmem_max takes effect)
+        set_buffers(s, SOCKET_BUFFER)
     udp_addrs = [local_address(s) for s in udp_socks]
     tcp_addrs = [local_address(s) for s in tcp_socks]
     tls_addrs = [local_address(s) for s in tls_socks]
@@ -817,6 +819,14 @@ async def run(config: Config, worker: WorkerSpec | None = None, config_path: str
                             "ports and %d for listen sockets, connections and files need; "
                             "allocations past that get 508. Raise LimitNOFILE or ulimit -n.",
                             files, relays, FILES_RESERVED)
+            udp = running.shell.listen_sockets["udp"]
+            got = udp[0].getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF) // 2 if udp else None
+            if got is not None and got < SOCKET_BUFFER:  # (Linux reports twice what it grants)
+                log.warning("UDP listen sockets got a %d KiB receive buffer, not the %d KiB asked: "
+                            "net.core.rmem_max caps it, and a burst or a restart under load can "
+                            "overflow it. Raise it: sysctl -w net.core.rmem_max=%d (and in "
+                            "/etc/sysctl.d/; docs/operations.md)", got >> 10, SOCKET_BUFFER >> 10,
+                            SOCKET_BUFFER)
             if running.shell.streams.cap < config.limits.tcp_connections:
                 log.info("TCP connections capped at %d, below limits.tcp_connections (%d): "
                             "of the %d open files allowed, %d are kept for relay sockets",

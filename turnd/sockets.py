@@ -35,7 +35,8 @@ def _describe(exc: OSError) -> str:
     return exc.strerror or str(exc)
 
 
-def _set_buffers(sock: socket.socket, size: int) -> None:
+def set_buffers(sock: socket.socket, size: int) -> None:
+    """SO_RCVBUF and SO_SNDBUF (the kernel grants up to net.core.rmem_max / wmem_max)."""
     for opt in (socket.SO_RCVBUF, socket.SO_SNDBUF):
         try:
             sock.setsockopt(socket.SOL_SOCKET, opt, size)
@@ -58,7 +59,7 @@ def _bound(kind: str, host: str, port: int, *, dont_fragment: bool = False,
         if kind == "tcp":
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         else:
-            _set_buffers(sock, SOCKET_BUFFER if kind == "udp" else RELAY_SOCKET_BUFFER)
+            set_buffers(sock, SOCKET_BUFFER if kind == "udp" else RELAY_SOCKET_BUFFER)
         if dont_fragment:
             if fam == socket.AF_INET:
                 sock.setsockopt(socket.IPPROTO_IP, _IP_MTU_DISCOVER, _IP_PMTUDISC_DO)
