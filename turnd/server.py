@@ -601,6 +601,10 @@ def adopt_allocations(shell: "Shell", adopted, listeners: dict) -> None:
     for conn, entry in zip(connection_sockets(adopted), adopted.state.get("connections", [])):
         index = entry["alloc"]
         shell.streams.adopt(conn, entry, adopted_allocs[index] if index is not None else None)
+    adopted_count = sum(a is not None for a in adopted_allocs)
+    if adopted_count:
+        shell.core.stats["allocations_adopted"] = (
+            shell.core.stats.get("allocations_adopted", 0) + adopted_count)
     log.info("restart: adopted %d allocations%s", len(shell.core.allocations),
              f"; {ended} no longer fit this config (listen address or relay.ports) and ended"
              if ended else "")

@@ -15,7 +15,8 @@ changes; a field added with a default a reader can do without keeps the version.
         "permissions": {ip: seconds left},
         "channels": [[number, peer ip, peer port, seconds left], ...],
         "counters": [to peers packets, bytes, to client packets, bytes],
-        "allocate_tid": hex, "allocate_response": hex}]}
+        "allocate_tid": hex, "allocate_response": hex}]}   # only while the Allocate may
+                                                           # still be retransmitted (40 s)
 """
 
 from __future__ import annotations
@@ -23,6 +24,9 @@ from __future__ import annotations
 from .allocation import Allocation, Channel
 
 STATE_VERSION = 1
+# RFC 8489 §6.2.1: a client gives up on a transaction after Rc x RTO (39.5 s by default);
+# after that its Allocate is never retransmitted, and its answer needn't go along.
+RETRANSMIT_WINDOW = 40.0
 
 
 class StateError(Exception):
@@ -33,24 +37,28 @@ def export_state(core, now: float, keep=lambda alloc: True) -> tuple[dict, list]
     """(state, relay handles in the order of the state's relays) of the allocations ``keep``
     says go along."""
     allocations, handles = [], []
+    young = now - RETRANSMIT_WINDOW
     for alloc in core.allocations.values():
-        ft = alloc.five_tuple
-        if not keep(alloc) or alloc.expires < now:
+        if alloc.expires < now or not keep(alloc):
             continue
-        relays = list(alloc.relays.values())
-        allocations.append({
-            "id": alloc.id, "transport": ft.transport, "client": list(ft.client),
-            "server": list(ft.server), "user": alloc.username, "key": alloc.key.hex(),
+        ft = alloc.five_tuple
+        relays = alloc.relays.values()
+        entry = {
+            "id": alloc.id, "transport": ft.transport, "client": ft.client,
+            "server": ft.server, "user": alloc.username, "key": alloc.key.hex(),
             "integrity": alloc.integrity, "client_key": alloc.client_key,
             "left": alloc.expires - now, "age": now - alloc.created,
-            "relays": [list(r.address) for r in relays],
+            "relays": [r.address for r in relays],
             "permissions": {ip: t - now for ip, t in alloc.permissions.items() if t >= now},
-            "channels": [[ch.number, ch.peer[0], ch.peer[1], ch.expires - now]
+            "channels": [(ch.number, ch.peer[0], ch.peer[1], ch.expires - now)
                          for ch in alloc.channels.values() if ch.expires >= now],
-            "counters": [alloc.up_packets, alloc.up_bytes, alloc.down_packets, alloc.down_bytes],
-            "allocate_tid": alloc.allocate_tid.hex(),
-            "allocate_response": alloc.allocate_response.hex()})
-        handles += [r.handle for r in relays]
+            "counters": (alloc.up_packets, alloc.up_bytes, alloc.down_packets, alloc.down_bytes)}
+        if alloc.created > young:
+            entry["allocate_tid"] = alloc.allocate_tid.hex()
+            entry["allocate_response"] = alloc.allocate_response.hex()
+        allocations.append(entry)
+        for r in relays:
+            handles.append(r.handle)
     return {"version": STATE_VERSION, "nonce_secret": core.nonces._secret.hex(),
             "allocations": allocations}, handles
 
@@ -70,19 +78,26 @@ def import_allocation(core, entry: dict, handles: list, now: float, five_tuple) 
         pool = core.pools.get(ip)
         if pool is None or port not in pool:
             return None
+    expires = now + float(entry["left"])
     alloc = Allocation(five_tuple, entry["user"], bytes.fromhex(entry["key"]), entry["integrity"],
-                       now + float(entry["left"]))
+                       expires)
     alloc.client_key = entry["client_key"]
     alloc.created = now - float(entry["age"])
     alloc.id = entry["id"]
-    alloc.allocate_tid = bytes.fromhex(entry["allocate_tid"])
-    alloc.allocate_response = bytes.fromhex(entry["allocate_response"])
+    if "allocate_tid" in entry:  # (young enough to be retransmitted)
+        alloc.allocate_tid = bytes.fromhex(entry["allocate_tid"])
+        alloc.allocate_response = bytes.fromhex(entry["allocate_response"])
     alloc.up_packets, alloc.up_bytes, alloc.down_packets, alloc.down_bytes = entry["counters"]
+    relays_by_addr = core.relays_by_addr
     for (ip, port), handle in zip(relays, handles):
         core.pools[ip].take(port)
-        core._add_relay(alloc, ip, port, handle)
+        r = core._add_relay(alloc, ip, port, handle)
+        relays_by_addr[r.address] = relays_by_addr[r.advertised] = r
+    first = expires  # the sweep looks at the allocation when its first timer ends
+    permissions = alloc.permissions
     for ip, left in entry["permissions"].items():
-        alloc.permissions[ip] = now + float(left)
+        permissions[ip] = t = now + float(left)
+        first = min(first, t)
     for number, peer_ip, peer_port, left in entry["channels"]:
         relay = alloc.relays.get(6 if ":" in peer_ip else 4)
         if relay is None:
@@ -91,14 +106,9 @@ def import_allocation(core, entry: dict, handles: list, now: float, five_tuple) 
         ch = Channel(int(number), peer, relay, now + float(left), peer_ip in core.own_ips)
         alloc.channels[ch.number] = ch
         alloc.peer_channels[peer] = ch
+        first = min(first, ch.expires)
     core.allocations[five_tuple] = alloc
     core.by_id[alloc.id] = alloc
     core._hold(alloc.username, alloc.client_key)
-    for r in alloc.relays.values():
-        core.relays_by_addr[r.address] = r
-        core.relays_by_addr[r.advertised] = r
-    core.wheel.schedule(alloc, alloc.expires)
-    for when in [*alloc.permissions.values(), *(ch.expires for ch in alloc.channels.values())]:
-        core._wake_by(alloc, when)
-    core.count("allocations_adopted")
+    core.wheel.schedule(alloc, first)
     return alloc
