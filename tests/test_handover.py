@@ -105,7 +105,7 @@ async def test_a_successor_with_a_broken_config_leaves_the_old_one_serving(tmp_p
         # turnd restart checks the file first
         out = subprocess.run([sys.executable, "-m", "turnd", "restart", "--pid", str(d.proc.pid)],
                              capture_output=True, text=True, timeout=30)
-        assert out.returncode == 2 and "not reloaded" in out.stderr
+        assert out.returncode == 2 and "not restarted" in out.stderr
         d.signal(signal.SIGUSR2)  # a signal anyway: the successor fails, the old one stays
         new = successor_pid(d)
         d.wait_for(r"restart failed: the successor did not start .*; still serving")
@@ -115,6 +115,88 @@ async def test_a_successor_with_a_broken_config_leaves_the_old_one_serving(tmp_p
             os.kill(new, 0)
     finally:
         d.stop()
+
+
+async def test_a_successor_failing_after_the_freeze_gives_tcp_calls_back_to_the_old_one(tmp_path):
+    """The config checks out but the successor can't listen where it says (another program
+    has the port): it fails after the predecessor froze its TCP connections.  Those are
+    served again from where they stood: a half-sent request is answered, the allocation
+    relays, the exit status of ``turnd restart`` says it failed."""
+    import socket as _socket
+    d = Turnd(tmp_path, CONFIG)
+    taken = _socket.socket(_socket.AF_INET, _socket.SOCK_DGRAM)
+    taken.bind(("127.0.0.1", 0))  # someone else's port
+    try:
+        peer = await udp_client("127.0.0.1")
+        stream = await StreamTurn.connect(("127.0.0.1", d.port), "bob", "bobpw")
+        stream_relayed = await stream.allocate()
+        await stream.bind(0x4002, peer.getsockname())
+        _, half = stream.client.request(c.REFRESH)
+        await stream.send(half[:7])
+        d.conf.write_text(CONFIG.replace(
+            '"127.0.0.1:0"', f'"127.0.0.1:{d.port}", "127.0.0.1:{taken.getsockname()[1]}"'))
+        out = await trio.to_thread.run_sync(lambda: subprocess.run(
+            [sys.executable, "-m", "turnd", "restart", "--pid", str(d.proc.pid)],
+            capture_output=True, text=True, timeout=60))
+        assert out.returncode == 1, out
+        assert "restart failed" in out.stderr and f"pid {d.proc.pid} still serves" in out.stderr, out
+        d.wait_for(r"restart failed: the successor did not take over .*; still serving")
+        await stream.send(half[7:])
+        resp = stream.client.learn(await stream.frame())
+        assert resp.cls == c.SUCCESS and resp.method == c.REFRESH
+        await stream.send(channel_data(0x4002, b"still here"))
+        assert (await peer.recvfrom(2048))[0] == b"still here"
+        await peer.sendto(b"back", stream_relayed)
+        assert await stream.frame() == channel_data(0x4002, b"back")
+        assert "allocation closed" not in d.text()
+    finally:
+        taken.close()
+        d.stop()
+
+
+async def test_a_drain_goes_on_through_a_restart(tmp_path):
+    d = Turnd(tmp_path, CONFIG)
+    new = None
+    try:
+        turn = await UdpTurn.connect(("127.0.0.1", d.port))
+        await turn.allocate()
+        d.signal(signal.SIGUSR1)
+        d.wait_for("draining: new allocations are refused")
+        d.signal(signal.SIGUSR2)
+        new = successor_pid(d)
+        d.wait_for("restart: the predecessor was draining; so is this turnd")
+        assert d.proc.wait(timeout=15) == 0
+        other = await UdpTurn.connect(("127.0.0.1", d.port), "bob", "bobpw")
+        resp = await other.call(c.ALLOCATE, [(c.REQUESTED_TRANSPORT, 17)])
+        assert resp.get(c.ERROR_CODE).code == 403  # still draining
+        assert (await turn.call(c.REFRESH)).cls == c.SUCCESS  # the live one runs on
+    finally:
+        d.stop()
+        if new:
+            kill(new)
+
+
+async def test_allocations_outside_the_new_relay_ports_end_with_a_line_each(tmp_path):
+    d = Turnd(tmp_path, CONFIG)
+    new = None
+    try:
+        turn = await UdpTurn.connect(("127.0.0.1", d.port))
+        await turn.allocate()
+        d.conf.write_text(CONFIG.replace('ports = "44600-44699"', 'ports = "44800-44899"'))
+        d.signal(signal.SIGUSR2)
+        new = successor_pid(d)
+        d.wait_for("restart: adopted 0 allocations; 1 no longer fit this config")
+        line = d.wait_for(r"allocation ended .*").group(0)
+        assert "user=alice" in line and "no longer fits this config" in line, line
+        assert "to_peers_packets=0" in line, line
+        resp = await turn.call(c.REFRESH)
+        assert resp.get(c.ERROR_CODE).code == 437  # the client learns it is gone
+        relayed = await turn.allocate()  # and makes a new one, in the new range
+        assert 44800 <= relayed[1] <= 44899
+    finally:
+        d.stop()
+        if new:
+            kill(new)
 
 
 async def test_under_systemd_the_successor_becomes_the_main_pid(tmp_path):

@@ -272,7 +272,7 @@ def test_the_unit_file_verifies(tmp_path):
                 "AmbientCapabilities=CAP_NET_BIND_SERVICE", "NoNewPrivileges=yes",
                 "ProtectSystem=strict", "RestrictAddressFamilies=AF_INET AF_INET6 AF_UNIX",
                 "SystemCallFilter=@system-service", "MemoryDenyWriteExecute=yes", "LimitNOFILE=",
-                "FileDescriptorStoreMax=", "FileDescriptorStorePreserve=restart",
+                "FileDescriptorStoreMax=", "NotifyAccess=all",
                 "/etc/turnd/turnd.toml"):
         assert key in text, key
     assert "u turnd " in open(os.path.join(ROOT, "systemd", "turnd.sysusers")).read()

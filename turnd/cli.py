@@ -269,6 +269,12 @@ def gen_cert(host: str, out: str, days: int) -> None:
 def find_daemons(config_path: str | None = None) -> list[int]:
     """PIDs of running ``turnd serve`` processes (masters, not workers), optionally only
     those serving ``config_path``."""
+    found = _serve_pids(config_path)
+    # a successor in the middle of a hand-over is its predecessor's child: one turnd still
+    return [p for p in found if _parent(p) not in found]
+
+
+def _serve_pids(config_path: str | None = None) -> list[int]:
     found = []
     for entry in os.listdir("/proc"):
         if not entry.isdigit() or int(entry) == os.getpid():
@@ -291,6 +297,22 @@ def find_daemons(config_path: str | None = None) -> list[int]:
     return found
 
 
+def _parent(pid: int) -> int | None:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return int(f.read().rsplit(")", 1)[1].split()[1])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
+    except (OSError, IndexError):
+        return False
+
+
 def _daemon_config(pid: int) -> str:
     """The --config a running turnd serve was started with."""
     try:
@@ -304,7 +326,8 @@ def _daemon_config(pid: int) -> str:
 
 
 def _signal_daemon(sig, what: str, pid: int | None, config_path: str | None,
-                   check: bool = False) -> None:
+                   check: bool = False, refused: str = "not reloaded") -> int:
+    """Signal the one running turnd (checking its config first with ``check``); its pid."""
     import signal as _signal
     pids = [pid] if pid else find_daemons(config_path)
     if len(pids) != 1:
@@ -322,14 +345,19 @@ def _signal_daemon(sig, what: str, pid: int | None, config_path: str | None,
                     load_context(config.tls)
             except ConfigError as exc:
                 click.echo(f"config error: {exc}", err=True)
-                click.echo(f"turnd: not reloaded; pid {pids[0]} keeps its configuration", err=True)
+                click.echo(f"turnd: {refused}; pid {pids[0]} keeps its configuration", err=True)
                 sys.exit(EXIT_CONFIG)
+            if sig == getattr(_signal, "SIGUSR2", None) and config.server.workers != 1:
+                click.echo("turnd: not restarted: a hand-over with server.workers other than 1 "
+                           "is not supported yet (stop and start it)", err=True)
+                sys.exit(EXIT_STARTUP)
     try:
         os.kill(pids[0], sig)
     except OSError as exc:
         click.echo(f"turnd: cannot signal pid {pids[0]}: {exc.strerror}", err=True)
         sys.exit(EXIT_STARTUP)
     click.echo(f"turnd (pid {pids[0]}): {what} (sent {_signal.Signals(sig).name})")
+    return pids[0]
 
 
 @main.command()
@@ -460,4 +488,23 @@ def restart(pid: int | None, config_path: str | None) -> None:
     (the same command line: a new version on disk and a new config take effect) and hands
     it its sockets and allocations."""
     import signal as _signal
-    _signal_daemon(_signal.SIGUSR2, "handing over to a successor", pid, config_path, check=True)
+    import time
+    old = _signal_daemon(_signal.SIGUSR2, "handing over to a successor", pid, config_path,
+                         check=True, refused="not restarted")
+    # The old turnd exits once its successor serves; when the hand-over fails, the successor
+    # is gone and the old one serves on.  Watch both.
+    from .handover import ADOPT_TIMEOUT, READY_TIMEOUT
+    start = time.monotonic()
+    successor = None
+    while time.monotonic() - start < READY_TIMEOUT + ADOPT_TIMEOUT + 10:
+        if not _alive(old):
+            click.echo(f"turnd: handed over to pid {successor or '?'}; pid {old} has exited")
+            return
+        children = [p for p in _serve_pids() if _parent(p) == old]
+        if children:
+            successor = children[0]
+        elif successor is not None or time.monotonic() - start > 10:
+            break
+        time.sleep(0.1)
+    click.echo(f"turnd: restart failed; pid {old} still serves (its log says why)", err=True)
+    sys.exit(EXIT_STARTUP)

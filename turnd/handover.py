@@ -15,7 +15,8 @@ a successor that holds them loses nothing.  The steps (over a unix socket pair):
 4. The successor adopts them: the listen sockets its config names, the allocations that
    still fit its config (the rest are ended and logged), the nonce secret; it starts serving
    and says ``K``.  Only then the predecessor exits.  Without ``K`` in time (a crash, a state
-   it can't read), the predecessor kills it if need be, reads its sockets again, and logs why.
+   it can't read), the predecessor kills it if need be, serves its frozen TCP connections
+  again from where they stood, reads its sockets again, and logs why.
 
 Under systemd the predecessor sends ``MAINPID=`` with the successor's pid before it exits.
 Plain TCP connections are handed over where they stand (the bytes read but not yet framed,
@@ -76,7 +77,7 @@ async def hand_over(running, notifier=None) -> bool:
     stream = trio.SocketStream(trio.socket.from_stdlib_socket(ours))
     log.info("restart: successor started (pid %d)", proc.pid)
     paused = False
-    frozen_fts: list = []  # plain TCP connections frozen for the hand-over
+    frozen: list = []  # plain TCP connections frozen for the hand-over: (StreamClient, dup'd fd)
     try:
         with trio.move_on_after(READY_TIMEOUT):
             said = await stream.receive_some(1)
@@ -89,13 +90,8 @@ async def hand_over(running, notifier=None) -> bool:
         paused = True
         paused_at = trio.current_time()
         frozen = await shell.streams.freeze()
-        try:
-            state, fds = export(running, frozen)
-            await _send(stream.socket, state, fds)
-        finally:
-            for _, fd in frozen:  # sent (the successor has its own), or the hand-over failed
-                os.close(fd)
-            frozen_fts = [sc.ft for sc, _ in frozen]
+        state, fds = export(running, frozen)
+        await _send(stream.socket, state, fds)
         with trio.move_on_after(ADOPT_TIMEOUT):
             said = await stream.receive_some(1)
         if said != b"K":
@@ -106,12 +102,14 @@ async def hand_over(running, notifier=None) -> bool:
             proc.kill()
         await proc.wait()
         if paused:
-            for ft in frozen_fts:  # those connections are gone: so are their allocations
-                shell.execute(running.core.connection_closed(ft), None)
+            for sc, fd in frozen:  # served again from where they stood
+                shell.streams.adopt(socket.socket(fileno=fd), connection_entry(sc), sc.alloc)
             shell.resume()
         log.error("restart failed: %s (exit %s); still serving", exc, proc.returncode)
         await stream.aclose()
         return False
+    for _, fd in frozen:  # (the successor has its own)
+        os.close(fd)
     await stream.aclose()
     if notifier is not None:
         notifier.send(f"MAINPID={proc.pid}", "STATUS=handed over to the successor")
@@ -120,7 +118,8 @@ async def hand_over(running, notifier=None) -> bool:
              "for %.0f ms); %d TLS allocations end with their connections", proc.pid,
              len(state["allocations"]), len(state["connections"]),
              (trio.current_time() - paused_at) * 1000, len(tls))
-    shell.handed_over = True
+    shell.handed_over = {a["id"] for a in state["allocations"]}
+    shell.successor = proc.pid
     return True
 
 
@@ -152,17 +151,23 @@ def export(running, frozen: list) -> tuple[dict, list]:
     state["connections"] = []
     index["connections"] = len(fds)
     for sc, fd in frozen:
-        read, pad = sc.framer.state()
         alloc = sc.alloc
-        state["connections"].append({
-            "client": list(sc.ft.client), "server": list(sc.ft.server), "read": read.hex(),
-            "pad": pad, "write": bytes(sc.buffer).hex(),
-            "alloc": position.get(alloc.id) if alloc is not None else None})
+        state["connections"].append(dict(
+            connection_entry(sc), alloc=position.get(alloc.id) if alloc is not None else None))
         fds.append(fd)
     state["fds"] = index
+    state["draining"] = running.core.draining is not None  # (SIGUSR1 goes on in the successor)
     state["listen"] = {kind: [list(s.getsockname()[:2]) for s in socks[kind]]
                        for kind in ("udp", "tcp", "tls")}
     return state, fds
+
+
+def connection_entry(sc) -> dict:
+    """A frozen plain TCP connection where it stands: what was read and not yet framed, what
+    waits to be written."""
+    read, pad = sc.framer.state()
+    return {"client": list(sc.ft.client), "server": list(sc.ft.server), "read": read.hex(),
+            "pad": pad, "write": bytes(sc.buffer).hex()}
 
 
 async def _send(sock, state: dict, fds: list) -> None:

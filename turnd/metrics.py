@@ -124,7 +124,7 @@ class Collector:
             policy.add_metric(w, core.get("peers_denied", 0))
             limited.add_metric(w, core.get("dropped_rate_limited", 0))
             created.add_metric(w, core.get("allocations_created", 0))
-            for how in ("deleted", "expired", "closed", "closed_by_admin"):
+            for how in ("deleted", "expired", "closed", "closed_by_admin", "not_adopted"):
                 made.add_metric([*w, how], core.get(f"allocations_{how}", 0))
             st = s["streams"]
             conns.add_metric(w, st.get("open", 0))

@@ -237,7 +237,8 @@ class Shell:
         # add the live ones' to these
         self.closed_traffic = [0, 0, 0, 0]
         self.first_run_secrets: tuple = ()  # make run's REST secret, kept across reloads
-        self.handed_over = False  # a successor took the sockets (turnd/handover.py)
+        self.handed_over: set = set()  # ids of the allocations a successor took (handover.py)
+        self.successor: int | None = None  # its pid
         self.fdstore = None  # under systemd: turnd/fdstore.py
         self.listen_sockets: dict = {}
         self.metrics_socket = None
@@ -336,13 +337,15 @@ class Shell:
     def log_allocation(self, event: str, alloc, **more) -> None:
         """One line per allocation event (never per packet): user, client (as much of it as
         ``[log] client_addresses`` allows), transport, relayed addresses, and ``more``."""
+        self.log_allocation_of(event, alloc.username, alloc.five_tuple,
+                               [r.advertised for r in alloc.relays.values()], **more)
+
+    def log_allocation_of(self, event: str, username: str, ft, relays: list, **more) -> None:
         if not log.isEnabledFor(logging.INFO):
             return
-        ft = alloc.five_tuple
-        fields = {"user": user_for_logs(alloc.username),
+        fields = {"user": user_for_logs(username),
                   "client": client_text(ft.client, self.config.log.client_addresses),
-                  "transport": ft.transport,
-                  "relay": ",".join(address_text(r.advertised) for r in alloc.relays.values()),
+                  "transport": ft.transport, "relay": ",".join(map(address_text, relays)),
                   **more}
         log.info("allocation %s", event, extra={"fields": fields})
 
@@ -537,7 +540,7 @@ async def serve(config: Config, *, worker: WorkerSpec | None = None, adopted=Non
             task_status.started(running)
     finally:
         for alloc in list(shell.core.allocations.values()):  # each call's totals, logged once
-            if shell.handed_over and alloc.five_tuple.transport == "udp":
+            if alloc.id in shell.handed_over:
                 continue  # the successor has it
             shell.log_allocation("stopped", alloc, seconds=round(shell.now() - alloc.created),
                                  to_peers_packets=alloc.up_packets, to_peers_bytes=alloc.up_bytes,
@@ -592,6 +595,13 @@ def adopt_allocations(shell: "Shell", adopted, listeners: dict) -> None:
             ended += 1
             for s in mine:
                 s.close()
+            up_packets, up_bytes, down_packets, down_bytes = entry["counters"]
+            shell.log_allocation_of(
+                "ended", entry["user"], ft, [tuple(r) for r in entry["relays"]],
+                reason="no longer fits this config (listen address or relay.ports)",
+                seconds=round(float(entry["age"])), to_peers_packets=up_packets,
+                to_peers_bytes=up_bytes, to_client_packets=down_packets,
+                to_client_bytes=down_bytes)
             continue
         if entry["transport"] == "udp":
             alloc.client_handle = UdpOrigin(shell, listener, ft.client).attach(alloc)
@@ -601,10 +611,11 @@ def adopt_allocations(shell: "Shell", adopted, listeners: dict) -> None:
     for conn, entry in zip(connection_sockets(adopted), adopted.state.get("connections", [])):
         index = entry["alloc"]
         shell.streams.adopt(conn, entry, adopted_allocs[index] if index is not None else None)
-    adopted_count = sum(a is not None for a in adopted_allocs)
-    if adopted_count:
-        shell.core.stats["allocations_adopted"] = (
-            shell.core.stats.get("allocations_adopted", 0) + adopted_count)
+    stats = shell.core.stats
+    for key, n in (("allocations_adopted", sum(a is not None for a in adopted_allocs)),
+                   ("allocations_not_adopted", ended)):
+        if n:
+            stats[key] = stats.get(key, 0) + n
     log.info("restart: adopted %d allocations%s", len(shell.core.allocations),
              f"; {ended} no longer fit this config (listen address or relay.ports) and ended"
              if ended else "")
@@ -775,6 +786,19 @@ async def service(running: "Running", notifier) -> None:
             last_status, last_packets = now, packets
 
 
+# What a running turnd may import later (a reload, a restart, its first HTTP request, a
+# scrape).  Imported once it serves, so that after `pip install -U` on disk a later import
+# can't load the new version's code into this old process: the successor runs it.
+PRELOAD = ("config", "early", "fdstore", "handover", "logs", "metrics", "notify", "tls",
+           "turn.state", "webpage")
+
+
+def preload() -> None:
+    import importlib
+    for name in PRELOAD:
+        importlib.import_module(f"turnd.{name}")
+
+
 async def keep_in_store(running: "Running", store) -> None:
     """Stopping under systemd with its file descriptor store: the state as it stands now
     (not up to a second old), so that ``systemctl restart`` carries every UDP call on."""
@@ -784,10 +808,10 @@ async def keep_in_store(running: "Running", store) -> None:
     except Exception:
         running.shell.internal_error()
         return
-    kept = sum(a.five_tuple.transport == "udp" for a in running.core.allocations.values())
-    running.shell.handed_over = True  # their end lines: by the next turnd, or none on a stop
+    kept = {a.id for a in running.core.allocations.values() if a.five_tuple.transport == "udp"}
+    running.shell.handed_over = kept  # their end lines: by the next turnd, or none on a stop
     log.info("%d UDP allocations kept in systemd's file descriptor store: a restart carries "
-             "them on, a stop ends them", kept)
+             "them on, a stop ends them", len(kept))
 
 
 async def run(config: Config, worker: WorkerSpec | None = None, config_path: str | None = None,
@@ -814,6 +838,9 @@ async def run(config: Config, worker: WorkerSpec | None = None, config_path: str
                 store.start(running, set(stored))
                 nursery.start_soon(store.keeper, running)
             running.shell.first_run_secrets = first_run_secrets
+            if adopted is not None and adopted.state.get("draining"):
+                log.info("restart: the predecessor was draining; so is this turnd")
+                drain(running)
             # (signals are listened for already: the master sets the flag, then signals)
             if running.shared is not None and running.shared[flags_offset(config)]:
                 drain(running)
@@ -840,6 +867,7 @@ async def run(config: Config, worker: WorkerSpec | None = None, config_path: str
                 if running.metrics:
                     log.info("metrics on http://%s/metrics", address_text(running.metrics))
             notifier.ready(status_line(running, 0))
+            preload()
             nursery.start_soon(service, running, notifier)
             async for signum in signals:
                 if signum == signal.SIGHUP:
@@ -871,4 +899,6 @@ async def run(config: Config, worker: WorkerSpec | None = None, config_path: str
                 notifier.stopping(f"stopping; {len(running.core.allocations)} allocations end")
                 break
             nursery.cancel_scope.cancel()
-    log.info("stopped; counters: %s", counters_line(running))
+    successor = running.shell.successor
+    log.info("%s; counters: %s", f"handed over to pid {successor}" if successor else "stopped",
+             counters_line(running))

@@ -352,7 +352,8 @@ class StreamServer:
 
     def adopt(self, conn: socket.socket, entry: dict, alloc) -> None:
         """A successor takes over a connection (``entry``: client, server, what was read and
-        not yet framed, what waited to be written) with its allocation, if any."""
+        not yet framed, what waited to be written) with its allocation, if any (or, after a
+        failed hand-over, the predecessor takes its own back)."""
         client = tuple(entry["client"])
         key = self._claim_adopted(client[0])
         self.stats["connections"] += 1
@@ -378,8 +379,10 @@ class StreamServer:
         alloc = entry.get("alloc")
         if alloc is not None:
             alloc.client_handle = sc.attach(alloc)
+            engine = self.shell.engine
             for r in alloc.relays.values():
-                self.shell.engine.add_relay(r)
+                if r.handle.fileno() not in engine.handlers:  # (a failed hand-over: still there)
+                    engine.add_relay(r)
         await self._run(sc, stream, ft, framer,
                         trio.current_time() + self.config.limits.tcp_idle_timeout)
 

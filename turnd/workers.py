@@ -104,6 +104,8 @@ async def run_master(config: Config, config_path: str, log_level: str, notifier=
                     nursery.start_soon(_serve_metrics, metrics_listener, config, shared_fd, count)
                 status = f"{count} workers"
                 notifier.ready(status)
+                from .server import preload
+                preload()
                 nursery.start_soon(_watchdog, notifier)
                 async for signum in signals:
                     if signum in (signal.SIGHUP, signal.SIGUSR1):  # each worker does it itself

@@ -17,6 +17,9 @@ changes; a field added with a default a reader can do without keeps the version.
         "counters": [to peers packets, bytes, to client packets, bytes],
         "allocate_tid": hex, "allocate_response": hex}]}   # only while the Allocate may
                                                            # still be retransmitted (40 s)
+
+A hand-over (turnd/handover.py) adds "connections" (plain TCP ones where they stand),
+"fds" (which descriptor is which), "listen" and "draining" (SIGUSR1 goes on).
 """
 
 from __future__ import annotations
