@@ -27,6 +27,7 @@ class FdStoringSystemd:
         self.store: dict[str, int] = {}
         self.lock = threading.Lock()
         self.stop = threading.Event()
+        self.started: list[subprocess.Popen] = []  # stopped by close()
 
     def drain(self) -> None:
         """Take every notification waiting (non-blocking)."""
@@ -76,11 +77,22 @@ class FdStoringSystemd:
                 os.dup2(f, 3 + i)  # (not close-on-exec: turnd gets it)
             os.environ.update(LISTEN_PID=str(os.getpid()), LISTEN_FDS=str(len(fds)),
                               LISTEN_FDNAMES=":".join(names), NOTIFY_SOCKET=self.path)
-        return subprocess.Popen([sys.executable, "-m", "turnd", "serve", "--config", conf],
+        proc = subprocess.Popen([sys.executable, "-m", "turnd", "serve", "--config", conf],
                                 preexec_fn=in_child, close_fds=False, stderr=stderr,
                                 stdout=subprocess.DEVNULL, cwd=cwd)
+        self.started.append(proc)
+        return proc
 
     def close(self) -> None:
+        """Stop the turnds it started, forget the store."""
+        for proc in self.started:
+            if proc.poll() is None:
+                proc.terminate()
+                try:
+                    proc.wait(timeout=15)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                    proc.wait()
         self.stop.set()
         with self.lock:
             for fd in self.store.values():

@@ -4,6 +4,7 @@ Allocate; a successor that can't start leaves the old one serving."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import signal
@@ -36,6 +37,18 @@ def kill(pid: int) -> None:
         os.kill(pid, signal.SIGTERM)
     except ProcessLookupError:
         pass
+
+
+@contextlib.contextmanager
+def restarting_turnd(tmp_path, config: str = CONFIG):
+    """turnd, and at the end every successor it started stopped too."""
+    d = Turnd(tmp_path, config)
+    try:
+        yield d
+    finally:
+        d.stop()
+        for pid in re.findall(r"successor started \(pid (\d+)\)", d.text()):
+            kill(int(pid))
 
 
 async def test_a_udp_call_goes_on_through_a_restart_without_a_new_allocate(tmp_path):
@@ -155,36 +168,26 @@ async def test_a_successor_failing_after_the_freeze_gives_tcp_calls_back_to_the_
 
 
 async def test_a_drain_goes_on_through_a_restart(tmp_path):
-    d = Turnd(tmp_path, CONFIG)
-    new = None
-    try:
+    with restarting_turnd(tmp_path) as d:
         turn = await UdpTurn.connect(("127.0.0.1", d.port))
         await turn.allocate()
         d.signal(signal.SIGUSR1)
         d.wait_for("draining: new allocations are refused")
         d.signal(signal.SIGUSR2)
-        new = successor_pid(d)
         d.wait_for("restart: the predecessor was draining; so is this turnd")
         assert d.proc.wait(timeout=15) == 0
         other = await UdpTurn.connect(("127.0.0.1", d.port), "bob", "bobpw")
         resp = await other.call(c.ALLOCATE, [(c.REQUESTED_TRANSPORT, 17)])
         assert resp.get(c.ERROR_CODE).code == 403  # still draining
         assert (await turn.call(c.REFRESH)).cls == c.SUCCESS  # the live one runs on
-    finally:
-        d.stop()
-        if new:
-            kill(new)
 
 
 async def test_allocations_outside_the_new_relay_ports_end_with_a_line_each(tmp_path):
-    d = Turnd(tmp_path, CONFIG)
-    new = None
-    try:
+    with restarting_turnd(tmp_path) as d:
         turn = await UdpTurn.connect(("127.0.0.1", d.port))
         await turn.allocate()
         d.conf.write_text(CONFIG.replace('ports = "44600-44699"', 'ports = "44800-44899"'))
         d.signal(signal.SIGUSR2)
-        new = successor_pid(d)
         d.wait_for("restart: adopted 0 allocations; 1 no longer fit this config")
         line = d.wait_for(r"allocation ended .*").group(0)
         assert "user=alice" in line and "no longer fits this config" in line, line
@@ -193,10 +196,6 @@ async def test_allocations_outside_the_new_relay_ports_end_with_a_line_each(tmp_
         assert resp.get(c.ERROR_CODE).code == 437  # the client learns it is gone
         relayed = await turn.allocate()  # and makes a new one, in the new range
         assert 44800 <= relayed[1] <= 44899
-    finally:
-        d.stop()
-        if new:
-            kill(new)
 
 
 async def test_under_systemd_the_successor_becomes_the_main_pid(tmp_path):
@@ -235,7 +234,7 @@ async def test_a_chromium_relay_only_call_survives_a_restart_mid_call(nursery, t
     d = Turnd(tmp_path, '[server]\nlisten = ["127.0.0.1:0"]\nrealm = "turnd.test"\n'
               '[auth]\nusers = { cowork = "calls-pass" }\n[relay]\nports = "44700-44799"\n'
               '[metrics]\nlisten = ""\n', env={"NOTIFY_SOCKET": systemd.path} if systemd else None)
-    new = second = None
+    new = None
     send, events = trio.open_memory_channel(10)
 
     def on_request(path, query):
@@ -261,8 +260,7 @@ async def test_a_chromium_relay_only_call_survives_a_restart_mid_call(nursery, t
                         d.signal(signal.SIGTERM)
                         await trio.to_thread.run_sync(d.proc.wait)
                         systemd.drain()
-                        second = systemd.start_with_store(str(d.conf),
-                                                          open(tmp_path / "second.log", "w"))
+                        systemd.start_with_store(str(d.conf), open(tmp_path / "second.log", "w"))
                     path, result = await events.receive()
             finally:
                 await child.stop()
@@ -280,11 +278,8 @@ async def test_a_chromium_relay_only_call_survives_a_restart_mid_call(nursery, t
         d.stop()
         if new:
             kill(new)
-        if second is not None:
-            second.terminate()
-            second.wait(timeout=15)
         if systemd is not None:
-            systemd.close()
+            systemd.close()  # (and the turnd it started)
 
 
 @pytest.mark.parametrize("how", ["crash", "systemctl restart"])
@@ -294,7 +289,6 @@ async def test_systemd_s_store_lets_the_next_turnd_carry_the_call(tmp_path, how)
     when stopping, so even an allocation made just before goes on."""
     systemd = FdStoringSystemd(str(tmp_path / "notify.sock"))
     d = Turnd(tmp_path, CONFIG, env={"NOTIFY_SOCKET": systemd.path})
-    second = None
     try:
         turn = await UdpTurn.connect(("127.0.0.1", d.port))
         relayed = await turn.allocate()
@@ -316,7 +310,7 @@ async def test_systemd_s_store_lets_the_next_turnd_carry_the_call(tmp_path, how)
         d.proc.wait()
         systemd.drain()
         await turn.sock.sendto(channel_data(0x4001, b"while down"), turn.server)  # waits in the kernel
-        second = systemd.start_with_store(str(d.conf), open(tmp_path / "second.log", "w"))
+        systemd.start_with_store(str(d.conf), open(tmp_path / "second.log", "w"))
         with trio.fail_after(20):
             assert (await peer.recvfrom(2048))[0] == b"while down"  # relayed by the next turnd
             await peer.sendto(b"back", relayed)
@@ -334,10 +328,7 @@ async def test_systemd_s_store_lets_the_next_turnd_carry_the_call(tmp_path, how)
             assert "2 UDP allocations kept in systemd's file descriptor store" in d.text()
     finally:
         d.stop()
-        if second is not None:
-            second.terminate()
-            second.wait(timeout=15)
-        systemd.close()
+        systemd.close()  # (and the turnd it started)
 
 
 async def test_datagrams_arriving_while_the_next_turnd_starts_are_read_early_not_dropped(tmp_path):
@@ -348,7 +339,6 @@ async def test_datagrams_arriving_while_the_next_turnd_starts_are_read_early_not
     import socket as _socket
     systemd = FdStoringSystemd(str(tmp_path / "notify.sock"))
     d = Turnd(tmp_path, CONFIG, env={"NOTIFY_SOCKET": systemd.path})
-    second = None
     try:
         turn = await UdpTurn.connect(("127.0.0.1", d.port))
         await turn.allocate()
@@ -361,7 +351,7 @@ async def test_datagrams_arriving_while_the_next_turnd_starts_are_read_early_not
         listener = _socket.socket(fileno=os.dup(systemd.store[f"udp-127.0.0.1-{d.port}"]))
         listener.setsockopt(_socket.SOL_SOCKET, _socket.SO_RCVBUF, 128 << 10)  # ~200 datagrams
         listener.close()
-        second = systemd.start_with_store(str(d.conf), open(tmp_path / "second.log", "w"))
+        systemd.start_with_store(str(d.conf), open(tmp_path / "second.log", "w"))
         sent, got = 3000, set()
         with trio.fail_after(30):
             async with trio.open_nursery() as nursery:
@@ -384,7 +374,4 @@ async def test_datagrams_arriving_while_the_next_turnd_starts_are_read_early_not
         assert early and int(early.group(1)) > 0, log
     finally:
         d.stop()
-        if second is not None:
-            second.terminate()
-            second.wait(timeout=15)
-        systemd.close()
+        systemd.close()  # (and the turnd it started)
