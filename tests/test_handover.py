@@ -82,7 +82,7 @@ async def test_a_udp_call_goes_on_through_a_restart_without_a_new_allocate(tmp_p
             n.cancel_scope.cancel()
         new = successor_pid(d)
         d.wait_for(r"restart: handed over to pid \d+ \(2 allocations, 1 TCP connections; sockets "
-                   r"unread for \d+ ms\); 0 TLS allocations end")
+                   r"unread for \d+ ms\); 0 allocations end with their connections")
         d.wait_for(r"restart: adopted 2 allocations")
         assert d.proc.wait(timeout=15) == 0  # the predecessor is gone
         assert lost == 0
@@ -196,6 +196,33 @@ async def test_allocations_outside_the_new_relay_ports_end_with_a_line_each(tmp_
         assert resp.get(c.ERROR_CODE).code == 437  # the client learns it is gone
         relayed = await turn.allocate()  # and makes a new one, in the new range
         assert 44800 <= relayed[1] <= 44899
+
+
+async def test_connections_without_an_allocation_are_not_carried(tmp_path):
+    """What a restart carries, it carries while nothing reads: connections that hold no call
+    (here: half a 64 KiB message each, from a client that never authenticated) stay behind
+    and close with the old process; a connection with an allocation goes along."""
+    with restarting_turnd(tmp_path) as d:
+        idle = []
+        for _ in range(20):
+            s = trio.socket.socket()
+            await s.connect(("127.0.0.1", d.port))
+            await s.send(b"\x00\x01\xff\xfc\x21\x12\xa4\x42" + bytes(12) + bytes(60000))
+            idle.append(s)
+        stream = await StreamTurn.connect(("127.0.0.1", d.port), "bob", "bobpw")
+        await stream.allocate()
+        await trio.sleep(0.2)
+        d.signal(signal.SIGUSR2)
+        d.wait_for(r"restart: handed over to pid \d+ \(1 allocations, 1 TCP connections; sockets "
+                   r"unread for \d+ ms\); 0 allocations end with their connections \(TLS, or TCP "
+                   r"beyond the hand-over limit\); 20 connections without an allocation close")
+        assert d.proc.wait(timeout=15) == 0
+        with trio.fail_after(5):
+            assert await idle[0].recv(100) == b""  # closed with the old process
+        resp = await stream.call(c.REFRESH)
+        assert resp.cls == c.SUCCESS  # the one with a call went along
+        for s in idle:
+            s.close()
 
 
 async def test_under_systemd_the_successor_becomes_the_main_pid(tmp_path):
@@ -375,3 +402,54 @@ async def test_datagrams_arriving_while_the_next_turnd_starts_are_read_early_not
     finally:
         d.stop()
         systemd.close()  # (and the turnd it started)
+
+
+async def test_a_flood_while_the_next_turnd_starts_does_not_hold_it_up(tmp_path):
+    """Tiny datagrams as fast as one process sends them, for 8 s, from the moment turnd stops
+    until well after the next one started: the early reader stops at its memory cap and the
+    catching up at its time cap, so the next turnd serves the call (peer -> client over its
+    relay socket) while the flood still goes on, instead of after it."""
+    import socket as _socket
+    import time as _time
+    systemd = FdStoringSystemd(str(tmp_path / "notify.sock"))
+    d = Turnd(tmp_path, CONFIG, env={"NOTIFY_SOCKET": systemd.path})
+    flooder = None
+    try:
+        turn = await UdpTurn.connect(("127.0.0.1", d.port))
+        relayed = await turn.allocate()
+        peer = await udp_client("127.0.0.1")
+        await turn.bind(0x4001, peer.getsockname())
+        os.kill(d.proc.pid, signal.SIGTERM)
+        d.proc.wait()
+        systemd.drain()
+        flood_seconds = 8.0
+        flooder = subprocess.Popen([sys.executable, "-c", (
+            "import socket, time\n"
+            "s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)\n"
+            f"to, end = ('127.0.0.1', {d.port}), time.monotonic() + {flood_seconds}\n"
+            "while time.monotonic() < end:\n"
+            "    for _ in range(2000):\n"
+            "        try:\n"
+            "            s.sendto(b'x', to)\n"
+            "        except OSError:\n"
+            "            pass\n")])
+        await trio.sleep(0.3)
+        started = _time.monotonic()
+        systemd.start_with_store(str(d.conf), open(tmp_path / "second.log", "w"))
+        with trio.fail_after(30):
+            while True:  # the peer writes to the client every 50 ms until one arrives
+                await peer.sendto(b"through", relayed)
+                got = await turn.recv(timeout=0.05)
+                if got == channel_data(0x4001, b"through"):
+                    break
+        served_after = _time.monotonic() - started
+        assert flooder.poll() is None, "the flood ended before the next turnd served"
+        log = (tmp_path / "second.log").read_text()
+        assert "restart: adopted 1 allocations" in log, log
+        print(f"served {served_after:.1f} s after starting, during the flood")
+    finally:
+        if flooder is not None:
+            flooder.kill()
+            flooder.wait()
+        d.stop()
+        systemd.close()

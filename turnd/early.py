@@ -6,9 +6,10 @@ imports and start-up: a few tenths of a second) nobody reads them, and a listen 
 all clients share fills in well under a second at tens of thousands of datagrams a second
 (its buffer is capped by net.core.rmem_max): the kernel drops the rest.  So, before anything
 else is imported, a thread reads the UDP listen sockets named in ``LISTEN_FDNAMES`` into
-memory (bounded: ``LIMIT_BYTES``, beyond that dropped and counted), and the relay engine
-takes those datagrams first, through its usual path (``RelayEngine.replay``), then reads the
-sockets itself.  Relay sockets are not read early: each holds one allocation's traffic.
+memory (bounded: ``LIMIT_BYTES`` counting each datagram's Python objects too; there it
+stops reading), and the relay engine takes those datagrams first, through its usual
+path (``RelayEngine.replay``, for at most server.REPLAY_SECONDS: a flood is not caught up
+with, it is dropped), then reads the sockets itself.  Relay sockets are not read early: each holds one allocation's traffic.
 
 This module imports only the standard library's light modules: it runs before the rest.
 """
@@ -22,7 +23,8 @@ import threading
 
 from . import mmsg  # (ctypes and the standard library only)
 
-LIMIT_BYTES = 64 << 20   # datagram bytes held in memory, at most
+LIMIT_BYTES = 64 << 20   # memory held, at most: each datagram's bytes and OVERHEAD
+OVERHEAD = 200           # bytes of Python objects per datagram held (its tuple, bytes, name)
 DATAGRAM_MAX = 65536     # as the relay engine's slots (relay.BUFFER_SIZE)
 BATCH = 64               # datagrams per recvmmsg (a 4 MiB arena per listen socket)
 
@@ -34,7 +36,7 @@ class EarlyReader:
         self.socks = socks  # systemd's fd number -> a socket on a dup of it
         self.got: dict[int, list] = {fd: [] for fd in socks}  # fd -> [(bytes, raw sockaddr)]
         self.bytes = 0
-        self.dropped = 0
+        self.full = False  # LIMIT_BYTES reached: reading stopped
         self.lock = threading.Lock()  # ``got`` is swapped while the engine replays
         self.wake_r, self.wake_w = os.pipe()
         self.thread = threading.Thread(target=self._run, name="turnd-early-reader", daemon=True)
@@ -66,10 +68,14 @@ class EarlyReader:
                             continue
                         for k in range(n):
                             size = unpack_len(lens, k * mmsg_size + len_offset)[0]
-                            if self.bytes + size > LIMIT_BYTES:
-                                self.dropped += 1
+                            if not size:  # (no STUN message, no ChannelData is empty)
                                 continue
-                            self.bytes += size
+                            if self.bytes + size + OVERHEAD > LIMIT_BYTES:
+                                # a flood: stop here (the kernel drops the rest), leaving
+                                # the CPU to the start-up
+                                self.full = True
+                                return
+                            self.bytes += size + OVERHEAD
                             held.append((bytes(views[k][:size]),
                                          bytes(names[k * namelen:(k + 1) * namelen])))
                         if n < BATCH:

@@ -113,11 +113,13 @@ async def hand_over(running, notifier=None) -> bool:
     await stream.aclose()
     if notifier is not None:
         notifier.send(f"MAINPID={proc.pid}", "STATUS=handed over to the successor")
-    tls = [c for c in shell.streams.connections if c.alloc is not None]
+    staying = shell.streams.connections
     log.info("restart: handed over to pid %d (%d allocations, %d TCP connections; sockets unread "
-             "for %.0f ms); %d TLS allocations end with their connections", proc.pid,
+             "for %.0f ms); %d allocations end with their connections (TLS, or TCP beyond the "
+             "hand-over limit); %d connections without an allocation close", proc.pid,
              len(state["allocations"]), len(state["connections"]),
-             (trio.current_time() - paused_at) * 1000, len(tls))
+             (trio.current_time() - paused_at) * 1000,
+             sum(c.alloc is not None for c in staying), sum(c.alloc is None for c in staying))
     shell.handed_over = {a["id"] for a in state["allocations"]}
     shell.successor = proc.pid
     return True

@@ -621,20 +621,21 @@ def adopt_allocations(shell: "Shell", adopted, listeners: dict) -> None:
              if ended else "")
 
 
-REPLAY_SECONDS = 5.0  # catching up on what turnd/early.py read, at most
+REPLAY_SECONDS = 2.0  # catching up on what turnd/early.py read, at most: the rest is dropped
+REPLAY_CHUNK = 1024   # datagrams between looks at the clock
 
 
 def replay_early(shell: "Shell", udp_socks: list) -> None:
     """What turnd/early.py read from systemd's listen sockets while this turnd started,
     served now through the engine, before it reads the sockets itself.  The reader goes on
     while the engine catches up (so the kernel's buffers never fill), and stops when little
-    is left."""
+    is left, or when REPLAY_SECONDS are up (a flood: what is left is dropped)."""
     from . import early
     reader = early.reader()
     if reader is None:
         return
     socks = {s.fileno(): s for s in udp_socks}
-    served = rounds = 0
+    served = rounds = late = 0
     deadline = time.monotonic() + REPLAY_SECONDS
     try:
         while True:
@@ -644,9 +645,15 @@ def replay_early(shell: "Shell", udp_socks: list) -> None:
                 rest = reader.stop()
                 got = {fd: got.get(fd, []) + rest.get(fd, []) for fd in rest}
             for fd, datagrams in got.items():
-                if datagrams and fd in socks:  # (a listen address the config dropped: gone)
-                    shell.engine.replay(socks[fd], datagrams, shell.now())
-                    served += len(datagrams)
+                if not datagrams or fd not in socks:  # (a listen address the config dropped)
+                    continue
+                for i in range(0, len(datagrams), REPLAY_CHUNK):
+                    if time.monotonic() > deadline:
+                        late += len(datagrams) - i
+                        break
+                    chunk = datagrams[i:i + REPLAY_CHUNK]
+                    shell.engine.replay(socks[fd], chunk, shell.now())
+                    served += len(chunk)
             rounds += 1
             if last:
                 break
@@ -654,9 +661,10 @@ def replay_early(shell: "Shell", udp_socks: list) -> None:
         shell.internal_error()
         reader.stop()
     log.info("restart: %d datagrams that arrived while this turnd started were read early and "
-             "served now (%d rounds)%s", served, rounds,
-             f"; {reader.dropped} dropped (over {early.LIMIT_BYTES >> 20} MiB held)"
-             if reader.dropped else "")
+             "served now (%d rounds)%s%s", served, rounds,
+             f"; reading stopped at {early.LIMIT_BYTES >> 20} MiB held (a flood?)"
+             if reader.full else "",
+             f"; {late} dropped, later than {REPLAY_SECONDS:.0f} s (a flood?)" if late else "")
 
 
 def load_tls(config: Config):

@@ -50,13 +50,15 @@ FIRST_READ = 4096
 # Frames from all TCP/TLS connections together between two turns of the rest (the UDP
 # engine above all): hundreds of connections full of tiny frames get this much, not 64 each.
 ROUND_BUDGET = 256
+HANDOVER_BYTES = 16 << 20  # unframed and unsent bytes of TCP connections a restart carries
 RECV_BUFFER = 64 * 1024  # SO_RCVBUF of a connection: what a client can leave queued for us
 RATE_BUCKETS = 4096  # per-IP connection rate: token buckets indexed by a hash of the address
 
 STREAM_STATS = ("connections", "open", "tls_connections", "closed_not_stun", "closed_idle",
                 "closed_reset", "refused_per_ip", "refused_total", "accept_errors",
                 "closed_tls_no_cert", "tls_handshake_failed", "closed_bad_proxy",
-                "closed_untrusted_proxy", "closed_misuse", "refused_rate", "http_requests")
+                "closed_untrusted_proxy", "closed_misuse", "refused_rate", "http_requests",
+                "not_handed_over")
 HTTP_METHODS = (b"GET ", b"HEAD ", b"POST ", b"PUT ", b"DELETE ", b"OPTIONS ", b"PATCH ",
                 b"CONNECT ", b"TRACE ")
 
@@ -337,10 +339,21 @@ class StreamServer:
             sc.done.set()
 
     async def freeze(self) -> list:
-        """A hand-over: stop reading and writing every plain TCP connection, exactly where
-        it is (what its framer holds, what waits to be written); TLS ones can't move (their
-        session lives in OpenSSL).  Returns the frozen StreamClients."""
-        frozen = [sc for sc in list(self.connections) if sc.sock is not None and not sc.closed]
+        """A hand-over: stop reading and writing every plain TCP connection that carries an
+        allocation, exactly where it is (what its framer holds, what waits to be written),
+        up to HANDOVER_BYTES of those in all (the state travels while nothing reads; the
+        others stay here and close when this turnd exits; TLS ones can't move at all: their
+        session lives in OpenSSL).  Returns [(StreamClient, a dup of its fd)]."""
+        frozen, held = [], 0
+        for sc in list(self.connections):
+            if sc.sock is None or sc.closed or sc.alloc is None:
+                continue
+            size = sc.framer.buffered + len(sc.buffer)
+            if held + size > HANDOVER_BYTES:
+                self.stats["not_handed_over"] += 1
+                continue
+            held += size
+            frozen.append(sc)
         fds = {}
         for sc in frozen:
             sc.handed = True
