@@ -28,6 +28,7 @@ class FdStoringSystemd:
         self.lock = threading.Lock()
         self.stop = threading.Event()
         self.started: list[subprocess.Popen] = []  # stopped by close()
+        self.thread: threading.Thread | None = None
 
     def drain(self) -> None:
         """Take every notification waiting (non-blocking)."""
@@ -59,9 +60,9 @@ class FdStoringSystemd:
             while not self.stop.is_set():
                 if poller.poll(100):
                     self.drain()
-        t = threading.Thread(target=loop, daemon=True)
-        t.start()
-        return t
+        self.thread = threading.Thread(target=loop, daemon=True)
+        self.thread.start()
+        return self.thread
 
     def start_with_store(self, conf: str, stderr, cwd: str | None = None) -> subprocess.Popen:
         """Start ``turnd serve --config conf`` as systemd would after a restart (in the child,
@@ -94,6 +95,8 @@ class FdStoringSystemd:
                     proc.kill()
                     proc.wait()
         self.stop.set()
+        if self.thread is not None:
+            self.thread.join()
         with self.lock:
             for fd in self.store.values():
                 os.close(fd)

@@ -225,6 +225,33 @@ async def test_connections_without_an_allocation_are_not_carried(tmp_path):
             s.close()
 
 
+async def test_tls_allocations_end_cleanly_and_their_clients_come_back(tmp_path):
+    """A TLS session can't move (it lives in OpenSSL): its connection closes, its allocation
+    ends with a line of its own in the old process's log, and the client connects again to
+    the successor, TLS and all."""
+    from turnd.tls import generate
+    cert, key = generate("localhost", str(tmp_path / "tls"))
+    with restarting_turnd(tmp_path, CONFIG + f'[tls]\ncert = "{cert}"\nkey = "{key}"\n') as d:
+        tls = await StreamTurn.connect(("127.0.0.1", d.port), "bob", "bobpw", tls_ca=cert)
+        await tls.allocate()
+        udp = await UdpTurn.connect(("127.0.0.1", d.port))
+        await udp.allocate()
+        d.signal(signal.SIGUSR2)
+        d.wait_for(r"restart: handed over to pid \d+ \(1 allocations, 0 TCP connections; sockets "
+                   r"unread for \d+ ms\); 1 allocations end with their connections")
+        assert d.proc.wait(timeout=15) == 0
+        line = d.wait_for(r"allocation (stopped|closed) .*").group(0)
+        assert "user=bob" in line and "transport=tls" in line, line
+        with trio.fail_after(5):
+            try:
+                assert await tls.stream.receive_some(100) == b""
+            except trio.BrokenResourceError:
+                pass  # (closed without close_notify: the process ended)
+        again = await StreamTurn.connect(("127.0.0.1", d.port), "bob", "bobpw", tls_ca=cert)
+        assert await again.allocate()
+        assert (await udp.call(c.REFRESH)).cls == c.SUCCESS  # (the UDP one went along)
+
+
 async def test_under_systemd_the_successor_becomes_the_main_pid(tmp_path):
     from .test_service import FakeSystemd
     systemd = FakeSystemd(tmp_path)
