@@ -875,7 +875,7 @@ async def run(config: Config, worker: WorkerSpec | None = None, config_path: str
                 if running.metrics:
                     log.info("metrics on http://%s/metrics", address_text(running.metrics))
             notifier.ready(status_line(running, 0))
-            preload()
+            nursery.start_soon(trio.to_thread.run_sync, preload)  # (the relay runs meanwhile)
             nursery.start_soon(service, running, notifier)
             async for signum in signals:
                 if signum == signal.SIGHUP:

@@ -105,7 +105,7 @@ async def run_master(config: Config, config_path: str, log_level: str, notifier=
                 status = f"{count} workers"
                 notifier.ready(status)
                 from .server import preload
-                preload()
+                nursery.start_soon(trio.to_thread.run_sync, preload)
                 nursery.start_soon(_watchdog, notifier)
                 async for signum in signals:
                     if signum in (signal.SIGHUP, signal.SIGUSR1):  # each worker does it itself
