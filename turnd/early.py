@@ -7,9 +7,10 @@ all clients share fills in well under a second at tens of thousands of datagrams
 (its buffer is capped by net.core.rmem_max): the kernel drops the rest.  So, before anything
 else is imported, a thread reads the UDP listen sockets named in ``LISTEN_FDNAMES`` into
 memory (bounded: ``LIMIT_BYTES`` counting each datagram's Python objects too; there it
-stops reading), and the relay engine takes those datagrams first, through its usual
-path (``RelayEngine.replay``, for at most server.REPLAY_SECONDS: a flood is not caught up
-with, it is dropped), then reads the sockets itself.  Relay sockets are not read early: each holds one allocation's traffic.
+stops reading), and the relay engine takes those datagrams first, through its usual path
+(``RelayEngine.replay``, for at most server.REPLAY_SECONDS: a flood is not caught up with,
+it is dropped), then reads the sockets itself.  Relay sockets are not read early: each
+holds one allocation's traffic.
 
 This module imports only the standard library's light modules: it runs before the rest.
 """
