@@ -51,10 +51,21 @@ def restarting_turnd(tmp_path, config: str = CONFIG):
             kill(int(pid))
 
 
-async def test_a_udp_call_goes_on_through_a_restart_without_a_new_allocate(tmp_path):
-    d = Turnd(tmp_path, CONFIG)
-    new = None
+@contextlib.contextmanager
+def under_fake_systemd(tmp_path):
+    """turnd with a fake systemd that keeps its descriptors; at the end both stopped, and
+    every turnd the fake one started."""
+    systemd = FdStoringSystemd(str(tmp_path / "notify.sock"))
+    d = Turnd(tmp_path, CONFIG, env={"NOTIFY_SOCKET": systemd.path})
     try:
+        yield systemd, d
+    finally:
+        d.stop()
+        systemd.close()
+
+
+async def test_a_udp_call_goes_on_through_a_restart_without_a_new_allocate(tmp_path):
+    with restarting_turnd(tmp_path) as d:
         turn = await UdpTurn.connect(("127.0.0.1", d.port))
         relayed = await turn.allocate()
         peer = await udp_client("127.0.0.1")
@@ -80,7 +91,7 @@ async def test_a_udp_call_goes_on_through_a_restart_without_a_new_allocate(tmp_p
                     lost += 1
                 await trio.sleep(0.005)
             n.cancel_scope.cancel()
-        new = successor_pid(d)
+        successor_pid(d)
         d.wait_for(r"restart: handed over to pid \d+ \(2 allocations, 1 TCP connections; sockets "
                    r"unread for \d+ ms\); 0 allocations end with their connections")
         d.wait_for(r"restart: adopted 2 allocations")
@@ -103,10 +114,6 @@ async def test_a_udp_call_goes_on_through_a_restart_without_a_new_allocate(tmp_p
         # the successor serves new clients too
         other = await UdpTurn.connect(("127.0.0.1", d.port), "bob", "bobpw")
         await other.allocate()
-    finally:
-        d.stop()
-        if new:
-            kill(new)
 
 
 async def test_a_successor_with_a_broken_config_leaves_the_old_one_serving(tmp_path):
@@ -341,9 +348,7 @@ async def test_systemd_s_store_lets_the_next_turnd_carry_the_call(tmp_path, how)
     """After a crash (SIGKILL, as the watchdog kills) the state is as last written (at most a
     second old); ``systemctl restart`` (SIGTERM, the store preserved) writes it as it stands
     when stopping, so even an allocation made just before goes on."""
-    systemd = FdStoringSystemd(str(tmp_path / "notify.sock"))
-    d = Turnd(tmp_path, CONFIG, env={"NOTIFY_SOCKET": systemd.path})
-    try:
+    with under_fake_systemd(tmp_path) as (systemd, d):
         turn = await UdpTurn.connect(("127.0.0.1", d.port))
         relayed = await turn.allocate()
         peer = await udp_client("127.0.0.1")
@@ -380,9 +385,6 @@ async def test_systemd_s_store_lets_the_next_turnd_carry_the_call(tmp_path, how)
         assert f"restart: adopted {adopted} allocations" in log, log
         if how == "systemctl restart":
             assert "2 UDP allocations kept in systemd's file descriptor store" in d.text()
-    finally:
-        d.stop()
-        systemd.close()  # (and the turnd it started)
 
 
 async def test_datagrams_arriving_while_the_next_turnd_starts_are_read_early_not_dropped(tmp_path):
@@ -391,9 +393,7 @@ async def test_datagrams_arriving_while_the_next_turnd_starts_are_read_early_not
     socket first thing and the engine serves what it read: nothing is lost.  (The listen
     socket's buffer is shrunk here so that the same happens at test rates.)"""
     import socket as _socket
-    systemd = FdStoringSystemd(str(tmp_path / "notify.sock"))
-    d = Turnd(tmp_path, CONFIG, env={"NOTIFY_SOCKET": systemd.path})
-    try:
+    with under_fake_systemd(tmp_path) as (systemd, d):
         turn = await UdpTurn.connect(("127.0.0.1", d.port))
         await turn.allocate()
         peer = await udp_client("127.0.0.1")
@@ -426,9 +426,6 @@ async def test_datagrams_arriving_while_the_next_turnd_starts_are_read_early_not
         early = re.search(r"restart: (\d+) datagrams that arrived while this turnd started were "
                           r"read early", log)
         assert early and int(early.group(1)) > 0, log
-    finally:
-        d.stop()
-        systemd.close()  # (and the turnd it started)
 
 
 async def test_a_flood_while_the_next_turnd_starts_does_not_hold_it_up(tmp_path):
@@ -436,47 +433,43 @@ async def test_a_flood_while_the_next_turnd_starts_does_not_hold_it_up(tmp_path)
     until well after the next one started: the early reader stops at its memory cap and the
     catching up at its time cap, so the next turnd serves the call (peer -> client over its
     relay socket) while the flood still goes on, instead of after it."""
-    import socket as _socket
     import time as _time
-    systemd = FdStoringSystemd(str(tmp_path / "notify.sock"))
-    d = Turnd(tmp_path, CONFIG, env={"NOTIFY_SOCKET": systemd.path})
-    flooder = None
-    try:
-        turn = await UdpTurn.connect(("127.0.0.1", d.port))
-        relayed = await turn.allocate()
-        peer = await udp_client("127.0.0.1")
-        await turn.bind(0x4001, peer.getsockname())
-        os.kill(d.proc.pid, signal.SIGTERM)
-        d.proc.wait()
-        systemd.drain()
-        flood_seconds = 8.0
-        flooder = subprocess.Popen([sys.executable, "-c", (
-            "import socket, time\n"
-            "s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)\n"
-            f"to, end = ('127.0.0.1', {d.port}), time.monotonic() + {flood_seconds}\n"
-            "while time.monotonic() < end:\n"
-            "    for _ in range(2000):\n"
-            "        try:\n"
-            "            s.sendto(b'x', to)\n"
-            "        except OSError:\n"
-            "            pass\n")])
-        await trio.sleep(0.3)
-        started = _time.monotonic()
-        systemd.start_with_store(str(d.conf), open(tmp_path / "second.log", "w"))
-        with trio.fail_after(30):
-            while True:  # the peer writes to the client every 50 ms until one arrives
-                await peer.sendto(b"through", relayed)
-                got = await turn.recv(timeout=0.05)
-                if got == channel_data(0x4001, b"through"):
-                    break
-        served_after = _time.monotonic() - started
-        assert flooder.poll() is None, "the flood ended before the next turnd served"
-        log = (tmp_path / "second.log").read_text()
-        assert "restart: adopted 1 allocations" in log, log
-        print(f"served {served_after:.1f} s after starting, during the flood")
-    finally:
-        if flooder is not None:
-            flooder.kill()
-            flooder.wait()
-        d.stop()
-        systemd.close()
+    with under_fake_systemd(tmp_path) as (systemd, d):
+        flooder = None
+        try:
+            turn = await UdpTurn.connect(("127.0.0.1", d.port))
+            relayed = await turn.allocate()
+            peer = await udp_client("127.0.0.1")
+            await turn.bind(0x4001, peer.getsockname())
+            os.kill(d.proc.pid, signal.SIGTERM)
+            d.proc.wait()
+            systemd.drain()
+            flood_seconds = 8.0
+            flooder = subprocess.Popen([sys.executable, "-c", (
+                "import socket, time\n"
+                "s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)\n"
+                f"to, end = ('127.0.0.1', {d.port}), time.monotonic() + {flood_seconds}\n"
+                "while time.monotonic() < end:\n"
+                "    for _ in range(2000):\n"
+                "        try:\n"
+                "            s.sendto(b'x', to)\n"
+                "        except OSError:\n"
+                "            pass\n")])
+            await trio.sleep(0.3)
+            started = _time.monotonic()
+            systemd.start_with_store(str(d.conf), open(tmp_path / "second.log", "w"))
+            with trio.fail_after(30):
+                while True:  # the peer writes to the client every 50 ms until one arrives
+                    await peer.sendto(b"through", relayed)
+                    got = await turn.recv(timeout=0.05)
+                    if got == channel_data(0x4001, b"through"):
+                        break
+            served_after = _time.monotonic() - started
+            assert flooder.poll() is None, "the flood ended before the next turnd served"
+            log = (tmp_path / "second.log").read_text()
+            assert "restart: adopted 1 allocations" in log, log
+            print(f"served {served_after:.1f} s after starting, during the flood")
+        finally:
+            if flooder is not None:
+                flooder.kill()
+                flooder.wait()
