@@ -16,13 +16,14 @@ a successor that holds them loses nothing.  The steps (over a unix socket pair):
    still fit its config (the rest are ended and logged), the nonce secret; it starts serving
    and says ``K``.  Only then the predecessor exits.  Without ``K`` in time (a crash, a state
    it can't read), the predecessor kills it if need be, serves its frozen TCP connections
-  again from where they stood, reads its sockets again, and logs why.
+   again from where they stood, reads its sockets again, and logs why.
 
 Under systemd the predecessor sends ``MAINPID=`` with the successor's pid before it exits.
-Plain TCP connections are handed over where they stand (the bytes read but not yet framed,
-the bytes not yet written) with their allocations.  TLS connections can't move (their
-session lives in OpenSSL): they are closed, which ends their allocations (logged with how
-many).  Not yet: systemd's file descriptor store, workers.
+Plain TCP connections with an allocation are handed over where they stand (the bytes read
+but not yet framed, the bytes not yet written; streams.HANDOVER_BYTES in all).  TLS
+connections can't move (their session lives in OpenSSL): they are closed, which ends their
+allocations (logged with how many).  Not yet: workers.  (systemd's own restarts:
+turnd/fdstore.py and turnd/early.py.)
 """
 
 from __future__ import annotations

@@ -170,7 +170,8 @@ class RecvBatch:
         """Datagrams read earlier (``(bytes, raw sockaddr)``, at most ``size``, from a socket
         of this one's family) into slots 0..n-1, as ``receive`` would have left them
         (turnd/early.py)."""
-        namelen, names, lens, views = self.namelen, self.names, self.lens, self.views
+        namelen, lens, views = self.namelen, self.lens, self.views
+        names = memoryview(self.names)  # (a slice of it never resizes: the C side points in)
         for k, (data, name) in enumerate(datagrams):
             view = views[k]
             n = min(len(data), len(view))
